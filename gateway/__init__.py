@@ -1,0 +1,24 @@
+"""Flowgate: a flow-control gateway for HTTP. Deliveries over a key's limits are held, not rejected."""
+
+from .engine import FlowController, Lease
+from .errors import ConfigError, DeliveryError, FlowgateError, InvalidFlowControl, Rejected, StoreUnavailable
+from .policy import Policy, parse_flow_control_value
+from .stores import Store, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DeliveryError",
+    "FlowController",
+    "FlowgateError",
+    "InvalidFlowControl",
+    "Lease",
+    "Policy",
+    "Rejected",
+    "Store",
+    "StoreUnavailable",
+    "__version__",
+    "open_store",
+    "parse_flow_control_value",
+]

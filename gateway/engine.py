@@ -1,0 +1,300 @@
+"""FlowController: "may this delivery go now, and tell me when it may".
+
+The store decides atomically; the controller waits. A queued ticket waits on a future that the store's
+admission callback resolves (no polling). Per key, one timer fires when the store said the rate window or a
+lease expiry may let a ticket go without any release; on stores where a wake-up can be lost (Redis, when
+another instance dies between admitting our ticket and telling us), the same timer doubles as a slow safety
+re-check. Leases held by this controller are renewed in one batch per key every `lease_ttl / 3`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+
+from .errors import InvalidFlowControl, Rejected, StoreUnavailable
+from .policy import Policy, validate_key
+from .stores.base import Admitted, PumpResult, Queued, Refused, Store
+
+DEFAULT_LEASE_TTL = 60.0
+DEFAULT_SAFETY_INTERVAL = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A held parallelism token of `key`. `waited` is the seconds the delivery spent waiting."""
+
+    key: str
+    id: str
+    waited: float = 0.0
+
+    @property
+    def token(self) -> str:
+        """The lease's public name (`Flow-Control-Lease`), enough to release it from anywhere."""
+        return f"{self.id}.{base64.urlsafe_b64encode(self.key.encode()).decode().rstrip('=')}"
+
+    @classmethod
+    def from_token(cls, token: str) -> Lease:
+        """Parse a public lease name; InvalidFlowControl when it is not one."""
+        lease_id, _, encoded = token.partition(".")
+        try:
+            key = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise InvalidFlowControl(f'"{token[:80]}" is not a Flowgate lease') from None
+        if not lease_id or not key or not lease_id.isalnum():
+            raise InvalidFlowControl(f'"{token[:80]}" is not a Flowgate lease')
+        return cls(validate_key(key), lease_id)
+
+
+class FlowController:
+    """Admission, waiting, release and renewal of leases over one `Store`."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        safety_interval: float = DEFAULT_SAFETY_INTERVAL,
+    ) -> None:
+        self.store = store
+        self.lease_ttl = lease_ttl
+        self.safety_interval = safety_interval
+        self.owner = os.urandom(8).hex()
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._waiting_by_key: dict[str, set[str]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._held: dict[str, str] = {}  # lease id -> key, renewed while held
+        self._renewer: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[object]] = set()
+        store.subscribe(self.owner, self._on_admit)
+
+    def __repr__(self) -> str:
+        return f"FlowController(store={self.store!r}, held={len(self._held)}, waiting={len(self._waiters)})"
+
+    @property
+    def held(self) -> int:
+        """Leases this controller holds and renews."""
+        return len(self._held)
+
+    @property
+    def waiting(self) -> int:
+        """Deliveries of this controller waiting for a token."""
+        return len(self._waiters)
+
+    async def acquire(self, key: str, policy: Policy) -> Lease:
+        """Wait for a lease of `key` under `policy`.
+
+        Raises Rejected (waitlist_full, wait_timeout, too_many_keys) or StoreUnavailable. When the calling
+        task is cancelled while waiting (client gone), the ticket is withdrawn and never admitted later.
+        """
+        ticket = os.urandom(12).hex()
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiters[ticket] = future  # before enter: the wake-up may come before enter's reply
+        try:
+            entry = await self.store.enter(key, policy, ticket, self.owner, self.lease_ttl)
+        except BaseException:
+            self._waiters.pop(ticket, None)
+            self._withdraw(key, ticket)
+            raise
+        if isinstance(entry, Admitted):
+            self._waiters.pop(ticket, None)
+            return self._hold(key, ticket, started)
+        if isinstance(entry, Refused):
+            self._waiters.pop(ticket, None)
+            raise Rejected(entry.reason, _refusal_message(entry.reason, key), entry.retry_after)
+        self._waiting_by_key.setdefault(key, set()).add(ticket)
+        self._schedule(key, entry)
+        try:
+            async with asyncio.timeout(policy.max_wait):
+                await future
+        except TimeoutError:
+            self._forget_ticket(key, ticket)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                return self._hold(key, ticket, started)
+            await self._cancel(key, ticket)
+            raise Rejected(
+                "wait_timeout",
+                f"waited {policy.max_wait:g}s for a token of key {key!r} without getting one",
+                max(1.0, policy.max_wait),
+            ) from None
+        except asyncio.CancelledError:
+            self._forget_ticket(key, ticket)
+            self._withdraw(key, ticket)
+            raise
+        except BaseException:
+            self._forget_ticket(key, ticket)
+            raise
+        self._forget_ticket(key, ticket)
+        return self._hold(key, ticket, started)
+
+    async def release(self, lease: Lease) -> bool:
+        """Free the token (it goes to the next waiter at once); False if the lease was unknown or expired."""
+        self._held.pop(lease.id, None)
+        return await self.store.release(lease.key, lease.id)
+
+    def release_soon(self, lease: Lease) -> None:
+        """Release in the background (for paths that cannot await, such as a cancelled task)."""
+        self._held.pop(lease.id, None)
+        self._spawn(self.store.release(lease.key, lease.id))
+
+    def detach(self, lease: Lease) -> None:
+        """Stop renewing `lease`: its holder reports completion later or lets it expire after lease_ttl."""
+        self._held.pop(lease.id, None)
+
+    async def renew(self, lease: Lease, ttl: float | None = None) -> bool:
+        """Push the lease's expiry to now + ttl (default lease_ttl); False if unknown or expired."""
+        (renewed,) = await self.store.renew(lease.key, [lease.id], ttl or self.lease_ttl)
+        return renewed
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str, policy: Policy) -> AsyncIterator[Lease]:
+        """`async with controller.hold(key, policy) as lease:` acquire, and release on every exit path."""
+        lease = await self.acquire(key, policy)
+        try:
+            yield lease
+        finally:
+            if lease.id in self._held:
+                try:
+                    await asyncio.shield(self.release(lease))
+                except asyncio.CancelledError:
+                    raise
+                except StoreUnavailable:
+                    pass  # the lease expires by itself after lease_ttl
+
+    async def close(self) -> None:
+        """Stop timers and the renewer, release held leases, withdraw waiting tickets."""
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        for future in self._waiters.values():
+            if not future.done():
+                future.cancel()
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
+        held, self._held = list(self._held.items()), {}
+        with contextlib.suppress(StoreUnavailable):
+            await asyncio.gather(*(self.store.release(key, lease) for lease, key in held))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        self.store.unsubscribe(self.owner)
+
+    # -- admission callbacks and timers ------------------------------------------------------------------------
+
+    def _on_admit(self, key: str, ticket: str) -> None:
+        future = self._waiters.get(ticket)
+        if future is not None and not future.done():
+            future.set_result(None)
+        elif future is None:
+            # Its delivery is gone (timed out or cancelled while the admission was on its way): free the token.
+            self._spawn(self.store.release(key, ticket))
+
+    def _schedule(self, key: str, queued: Queued | PumpResult) -> None:
+        delay = queued.recheck_after
+        if self.store.wakeups_can_be_lost:
+            delay = min(delay if delay is not None else self.safety_interval, self.safety_interval)
+        if delay is None:
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        current = self._timers.get(key)
+        if current is not None:
+            if current.when() <= when:
+                return
+            current.cancel()
+        self._timers[key] = loop.call_at(when, self._on_timer, key)
+
+    def _on_timer(self, key: str) -> None:
+        self._timers.pop(key, None)
+        if self._waiting_by_key.get(key):
+            self._spawn(self._recheck(key))
+
+    async def _recheck(self, key: str) -> None:
+        tickets = list(self._waiting_by_key.get(key, ()))
+        if not tickets:
+            return
+        try:
+            result = await self.store.pump(key, tickets)
+        except StoreUnavailable:
+            result = PumpResult({}, self.safety_interval)
+        for ticket, status in result.statuses.items():
+            future = self._waiters.get(ticket)
+            if future is None or future.done():
+                continue
+            if status == "admitted":
+                future.set_result(None)
+            elif status == "gone":
+                future.set_exception(
+                    Rejected("wait_timeout", f"the ticket of key {key!r} left the waitlist unadmitted", 1.0)
+                )
+        if self._waiting_by_key.get(key):
+            self._schedule(key, result)
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _hold(self, key: str, lease_id: str, started: float) -> Lease:
+        self._held[lease_id] = key
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_held())
+        return Lease(key, lease_id, time.monotonic() - started)
+
+    async def _renew_held(self) -> None:
+        try:
+            while self._held:
+                await asyncio.sleep(self.lease_ttl / 3)
+                by_key: dict[str, list[str]] = {}
+                for lease, key in list(self._held.items()):
+                    by_key.setdefault(key, []).append(lease)
+                for key, leases in by_key.items():
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.store.renew(key, leases, self.lease_ttl)
+        finally:
+            if self._renewer is asyncio.current_task():
+                self._renewer = None
+
+    def _forget_ticket(self, key: str, ticket: str) -> None:
+        self._waiters.pop(ticket, None)
+        tickets = self._waiting_by_key.get(key)
+        if tickets is not None:
+            tickets.discard(ticket)
+            if not tickets:
+                del self._waiting_by_key[key]
+                timer = self._timers.pop(key, None)
+                if timer is not None:
+                    timer.cancel()
+
+    async def _cancel(self, key: str, ticket: str) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await asyncio.shield(self.store.cancel(key, ticket))
+
+    def _withdraw(self, key: str, ticket: str) -> None:
+        self._spawn(self._cancel(key, ticket))
+
+    def _spawn(self, operation: Awaitable[object]) -> None:
+        task = asyncio.get_running_loop().create_task(_quietly(operation))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+async def _quietly(operation: Awaitable[object]) -> object:
+    """Run a background store operation; a store outage only delays it (leases and tickets expire)."""
+    try:
+        return await operation
+    except StoreUnavailable:
+        return None
+
+
+def _refusal_message(reason: str, key: str) -> str:
+    if reason == "waitlist_full":
+        return f"the waitlist of key {key!r} is full"
+    if reason == "too_many_keys":
+        return "the gateway tracks too many flow-control keys; try again later"
+    return f"key {key!r} refused the delivery ({reason})"
