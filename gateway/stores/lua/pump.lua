@@ -1,0 +1,25 @@
+-- pump: reap expired leases and tickets, admit what may go now, report on the caller's tickets.
+-- Run on the owner's timer (rate window reopens, a lease may expire) and as its slow safety re-check.
+-- KEYS: the five keys of one flow key (lib.lua)
+-- ARGV: caller owner, pickup_ms, ticket...
+-- Returns {recheck ms or -1 (nothing waits or only an event can help), statuses string, handoff ticket,
+-- owner, ...}; statuses has one letter per asked ticket: w waiting, a admitted, g gone.
+local now = now_ms()
+local pol = policy()
+trim(pol, now)
+local out = {-1, ''}
+pump(pol, now, ARGV[1], tonumber(ARGV[2]), out)
+if redis.call('ZCARD', W) > 0 then out[1] = blocked_for(pol, now) end
+local statuses = {}
+for i = 3, #ARGV do
+  if redis.call('ZSCORE', W, ARGV[i]) then
+    statuses[#statuses + 1] = 'w'
+  elseif redis.call('ZSCORE', L, ARGV[i]) then
+    statuses[#statuses + 1] = 'a'
+  else
+    statuses[#statuses + 1] = 'g'
+  end
+end
+out[2] = table.concat(statuses)
+if #out > 2 then touch(pol, now) end
+return out

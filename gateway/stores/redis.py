@@ -1,0 +1,400 @@
+"""The Redis store: limits shared by every instance on one Redis (or Redis Cluster).
+
+Each operation is one Lua script (lua/*.lua, with lua/lib.lua prepended) over the five keys of one flow key,
+all under one hash tag, so a script touches one slot. Admissions of tickets that another instance entered
+are pushed to that instance's inbox list (`fc:inst:{I}`), which it reads with BLPOP: no polling. In Redis
+Cluster the inbox lives in another slot than the flow key, so the push is a second step; a push lost to a
+crash is recovered by the owner's safety re-check (`pump`), and an admission nobody picks up frees its token
+after a short pickup TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..errors import StoreUnavailable
+from ..policy import Policy
+from . import StoreURI
+from .base import (
+    AdmitCallback,
+    Admitted,
+    Entry,
+    KeyState,
+    PumpResult,
+    Queued,
+    Refused,
+    Store,
+    TicketStatus,
+)
+
+DEFAULT_PICKUP_TTL = 10.0
+DEFAULT_SOCKET_TIMEOUT = 2.0
+INBOX_BLOCK = 5  # seconds one BLPOP waits before it is re-issued
+INBOX_TTL_MS = 60_000
+INDEX_KEY = "fc:keys"
+_STATUS = {"w": "waiting", "a": "admitted", "g": "gone"}
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError)
+_T = TypeVar("_T")
+
+
+def key_names(key: str) -> list[str]:
+    """The five Redis keys of one flow key, under one hash tag (braces in the key are escaped)."""
+    tag = key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    return [f"fc:{{{tag}}}:{suffix}" for suffix in ("p", "l", "s", "w", "t")]
+
+
+def _load_script(name: str) -> str:
+    lua = resources.files(__package__) / "lua"
+    return (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+@dataclass(slots=True)
+class _Local:
+    """A ticket this store entered and is waiting for: who to wake and the lease TTL to renew to."""
+
+    owner: str
+    lease_ttl: float
+
+
+def _num(value: int) -> int | None:
+    return None if value < 0 else value
+
+
+class RedisStore(Store):
+    """`redis://[user:pass@]host:port/db` and `rediss://…`."""
+
+    wakeups_can_be_lost = True
+
+    def __init__(
+        self,
+        uri: StoreURI,
+        *,
+        pickup_ttl: float = DEFAULT_PICKUP_TTL,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+    ) -> None:
+        self.uri = uri
+        self.instance = os.urandom(8).hex()
+        self._pickup_ms = str(round(pickup_ttl * 1000))
+        self._socket_timeout = socket_timeout
+        self._client = self._make_client(socket_timeout)
+        self._inbox_client: Any = None
+        self._scripts = {
+            name: self._client.register_script(_load_script(name))
+            for name in ("enter", "release", "cancel", "pump", "renew", "state", "steer")
+        }
+        self._listeners: dict[str, AdmitCallback] = {}
+        self._local: dict[str, _Local] = {}
+        self._inbox_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.uri)!r})"
+
+    def _make_client(self, socket_timeout: float) -> Any:
+        uri = self.uri
+        host, port = uri.nodes[0]
+        return aioredis.Redis(
+            host=host,
+            port=port,
+            db=uri.db,
+            username=uri.username,
+            password=uri.password,
+            ssl=uri.tls,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(ExponentialBackoff(cap=0.25, base=0.01), 1),
+            health_check_interval=30,
+        )
+
+    # -- subscriptions and wake-ups ------------------------------------------------------------------------------
+
+    def subscribe(self, owner: str, on_admit: AdmitCallback) -> None:
+        self._listeners[owner] = on_admit
+
+    def unsubscribe(self, owner: str) -> None:
+        self._listeners.pop(owner, None)
+
+    def _inbox(self) -> str:
+        return f"fc:inst:{{{self.instance}}}"
+
+    def _ensure_inbox(self) -> None:
+        if self._inbox_task is None or self._inbox_task.done():
+            self._inbox_task = asyncio.get_running_loop().create_task(self._read_inbox())
+
+    async def _read_inbox(self) -> None:
+        """Admissions that other instances made for our tickets arrive here (BLPOP, no polling)."""
+        if self._inbox_client is None:
+            self._inbox_client = self._make_client(INBOX_BLOCK + self._socket_timeout + 1)
+        while True:
+            try:
+                item = await self._inbox_client.blpop([self._inbox()], timeout=INBOX_BLOCK)
+            except _UNAVAILABLE:
+                await asyncio.sleep(1.0)  # the safety re-check covers what arrives meanwhile
+                continue
+            if item is None:
+                if not self._local:
+                    self._inbox_task = None
+                    return
+                continue
+            ticket, _, key = item[1].decode().partition(" ")
+            self._handoffs(key, [ticket, self.instance], foreign=True)
+
+    def _handoffs(self, key: str, flat: Sequence[Any], foreign: bool = False) -> None:
+        """Wake the owners of admitted tickets: ours by callback, other instances' through their inbox."""
+        remote: list[tuple[str, str]] = []
+        for index in range(0, len(flat), 2):
+            ticket = _text(flat[index])
+            instance = _text(flat[index + 1])
+            if instance != self.instance:
+                remote.append((ticket, instance))
+                continue
+            local = self._local.pop(ticket, None)
+            listener = self._listeners.get(local.owner) if local is not None else None
+            if listener is None:  # its delivery is gone: do not let the token idle until expiry
+                self._spawn(self.release(key, ticket))
+                continue
+            if foreign:  # admitted with a pickup TTL: take it over for the full lease TTL
+                assert local is not None
+                self._spawn(self.renew(key, [ticket], local.lease_ttl))
+            listener(key, ticket)
+        if remote:
+            self._spawn(self._push(key, remote))
+
+    async def _push(self, key: str, remote: list[tuple[str, str]]) -> None:
+        for ticket, instance in remote:
+            inbox = f"fc:inst:{{{instance}}}"
+            await self._client.rpush(inbox, f"{ticket} {key}")
+            await self._client.pexpire(inbox, INBOX_TTL_MS)
+
+    # -- operations ----------------------------------------------------------------------------------------------
+
+    async def _call(self, script: str, key: str, args: Sequence[Any]) -> Any:
+        try:
+            return await self._scripts[script](keys=key_names(key), args=args)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"the store {self.uri} cannot be reached: {type(exc).__name__}") from exc
+        except ResponseError as exc:
+            if "BUSY" in str(exc) or "LOADING" in str(exc) or "CLUSTERDOWN" in str(exc):
+                raise StoreUnavailable(f"the store {self.uri} is not serving: {exc}") from exc
+            raise
+
+    async def _guard(self, operation: Awaitable[_T]) -> _T:
+        try:
+            return await operation
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"the store {self.uri} cannot be reached: {type(exc).__name__}") from exc
+
+    async def enter(self, key: str, policy: Policy, ticket: str, owner: str, lease_ttl: float) -> Entry:
+        self._local[ticket] = _Local(owner, lease_ttl)
+        args = [
+            ticket,
+            self.instance,
+            round(lease_ttl * 1000),
+            self._pickup_ms,
+            *_policy_args(policy),
+        ]
+        try:
+            reply = await self._call("enter", key, args)
+        except BaseException:
+            self._local.pop(ticket, None)
+            raise
+        status, first, second, new_key = int(reply[0]), reply[1], int(reply[2]), int(reply[3])
+        self._handoffs(key, reply[4:])
+        if new_key:
+            self._spawn(self._guard(self._client.sadd(INDEX_KEY, key)))
+        if status == 1:
+            self._local.pop(ticket, None)
+            return Admitted(ticket)
+        if status == 3:
+            self._local.pop(ticket, None)
+            return Refused(_text(first), second / 1000)
+        self._ensure_inbox()
+        return Queued(int(first), None if second < 0 else second / 1000)
+
+    async def pump(self, key: str, tickets: Sequence[str] = ()) -> PumpResult:
+        reply = await self._call("pump", key, [self.instance, self._pickup_ms, *tickets])
+        recheck, letters = int(reply[0]), _text(reply[1])
+        statuses: dict[str, TicketStatus] = {}
+        for ticket, letter in zip(tickets, letters, strict=True):
+            status: TicketStatus = _STATUS[letter]  # type: ignore[assignment]
+            statuses[ticket] = status
+            if status != "waiting":
+                local = self._local.pop(ticket, None)
+                if status == "admitted" and local is not None:  # a lost wake-up: take the lease over
+                    self._spawn(self.renew(key, [ticket], local.lease_ttl))
+        self._handoffs(key, reply[2:])
+        return PumpResult(statuses, None if recheck < 0 else recheck / 1000)
+
+    async def cancel(self, key: str, ticket: str) -> bool:
+        self._local.pop(ticket, None)
+        reply = await self._call("cancel", key, [ticket, self.instance, self._pickup_ms])
+        self._handoffs(key, reply[1:])
+        return bool(reply[0])
+
+    async def release(self, key: str, lease: str) -> bool:
+        reply = await self._call("release", key, [lease, self.instance, self._pickup_ms])
+        self._handoffs(key, reply[1:])
+        return bool(reply[0])
+
+    async def renew(self, key: str, leases: Sequence[str], ttl: float) -> list[bool]:
+        if not leases:
+            return []
+        reply = await self._call("renew", key, [round(ttl * 1000), *leases])
+        return [bool(flag) for flag in reply]
+
+    async def state(self, key: str) -> KeyState | None:
+        reply = await self._call("state", key, [])
+        if not int(reply[0]):
+            return None
+        par, rate, per, max_waiting, max_wait, active, waiting, used, window_start = (int(v) for v in reply[1:10])
+        policy = Policy(_num(par), _num(rate), per / 1000, max_waiting, max_wait / 1000)
+        return KeyState(
+            key=key,
+            policy=policy,
+            active=active,
+            waiting=waiting,
+            rate_count=used,
+            rate_period_start=window_start / 1000,
+            paused=bool(int(reply[10])),
+            pinned_parallelism=bool(int(reply[11])),
+            pinned_rate=bool(int(reply[12])),
+        )
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        found: list[str] = []
+        stale: list[str] = []
+        async for raw in self._scan_index(prefix):
+            key = _text(raw)
+            if not key.startswith(prefix):
+                continue
+            if await self._guard(self._client.exists(*key_names(key)[:2], key_names(key)[3])):
+                found.append(key)
+            else:
+                stale.append(key)
+        if stale:
+            await self._guard(self._client.srem(INDEX_KEY, *stale))
+        return sorted(found)
+
+    async def _scan_index(self, prefix: str) -> AsyncIterator[Any]:
+        pattern = "".join(f"[{c}]" if c in "*?[]\\^" else c for c in prefix) + "*"
+        try:
+            async for item in self._client.sscan_iter(INDEX_KEY, match=pattern, count=500):
+                yield item
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"the store {self.uri} cannot be reached: {type(exc).__name__}") from exc
+
+    async def set_policy(self, key: str, policy: Policy) -> None:
+        await self._steer(key, "set_policy", *_policy_args(policy))
+        await self._guard(self._client.sadd(INDEX_KEY, key))
+
+    async def pause(self, key: str) -> None:
+        await self._steer(key, "pause")
+        await self._guard(self._client.sadd(INDEX_KEY, key))
+
+    async def resume(self, key: str) -> None:
+        await self._steer(key, "resume")
+
+    async def pin(
+        self, key: str, parallelism: int | None = None, rate: int | None = None, period: float | None = None
+    ) -> None:
+        if parallelism is not None:
+            Policy(parallelism=parallelism)  # validates
+        if rate is not None:
+            Policy(rate=rate, period=period or 1.0)
+        period_ms = "" if period is None else str(round(period * 1000))
+        if rate is not None and not period_ms:
+            current = await self.state(key)
+            period_ms = str(current.policy.period_ms if current else 1000)
+        par_text = "" if parallelism is None else str(parallelism)
+        await self._steer(key, "pin", par_text, "" if rate is None else str(rate), period_ms)
+        await self._guard(self._client.sadd(INDEX_KEY, key))
+
+    async def unpin(self, key: str, parallelism: bool = True, rate: bool = True) -> None:
+        await self._steer(key, "unpin", int(parallelism), int(rate))
+
+    async def reset_rate(self, key: str) -> None:
+        await self._steer(key, "reset_rate")
+
+    async def _steer(self, key: str, operation: str, *args: Any) -> None:
+        reply = await self._call("steer", key, [self.instance, self._pickup_ms, operation, *args])
+        self._handoffs(key, reply)
+
+    async def in_flight(self) -> int:
+        total = 0
+        for key in await self.keys():
+            state = await self.state(key)
+            total += state.active if state else 0
+        return total
+
+    async def ping(self) -> None:
+        await self._guard(self._client.ping())
+
+    async def close(self) -> None:
+        if self._inbox_task is not None:
+            self._inbox_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._inbox_task
+            self._inbox_task = None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for client in (self._inbox_client, self._client):
+            if client is not None:
+                with contextlib.suppress(*_UNAVAILABLE):
+                    await client.aclose()
+        self._listeners.clear()
+
+    def _spawn(self, operation: Awaitable[Any]) -> None:
+        task = asyncio.get_running_loop().create_task(_quietly(operation))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class RedisClusterStore(RedisStore):
+    """`redis+cluster://host:port[,host:port…]`: the same scripts; only the client differs."""
+
+    def _make_client(self, socket_timeout: float) -> Any:
+        uri = self.uri
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in uri.nodes],
+            username=uri.username,
+            password=uri.password,
+            ssl=uri.tls,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(ExponentialBackoff(cap=0.25, base=0.01), 1),
+        )
+
+
+def _policy_args(policy: Policy) -> list[str]:
+    return [
+        "-1" if policy.parallelism is None else str(policy.parallelism),
+        "-1" if policy.rate is None else str(policy.rate),
+        str(policy.period_ms),
+        str(policy.max_waiting),
+        str(round(policy.max_wait * 1000)),
+    ]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def _quietly(operation: Awaitable[Any]) -> Any:
+    try:
+        return await operation
+    except StoreUnavailable:
+        return None
