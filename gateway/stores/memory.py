@@ -191,7 +191,9 @@ class MemoryStore(Store):
         if state is None:
             return None
         now = self._clock()
-        state.trim(now)
+        if state.idle(now):  # trims; an idle key's state has expired, as it does in Redis
+            del self._keys[key]
+            return None
         policy = state.policy
         window_start = max(now - policy.period, state.window_reset_at)
         return KeyState(

@@ -13,22 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, TypeVar
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import DataError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreUnavailable
 from ..policy import Policy
-from . import StoreURI
+from . import StoreURI, scripts
 from .base import (
     AdmitCallback,
     Admitted,
@@ -40,6 +41,7 @@ from .base import (
     Store,
     TicketStatus,
 )
+from .batching import ScriptBatcher
 
 DEFAULT_PICKUP_TTL = 10.0
 DEFAULT_SOCKET_TIMEOUT = 2.0
@@ -51,15 +53,27 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, 
 _T = TypeVar("_T")
 
 
+class _Connection(aioredis.Connection):
+    """redis-py's asyncio connection packs commands in Python; hiredis packs them in C (a batch of a tick
+    carries hundreds of arguments, where the Python packer costs several microseconds each)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        head = tuple(name.encode().split()) if isinstance(name, str) else tuple(bytes(name).split())
+        try:
+            return [hiredis.pack_command(head + args[1:])]
+        except TypeError as exc:
+            raise DataError(str(exc)) from exc
+
+
+class _SSLConnection(_Connection, aioredis.SSLConnection):
+    pass
+
+
 def key_names(key: str) -> list[str]:
     """The five Redis keys of one flow key, under one hash tag (braces in the key are escaped)."""
     tag = key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
     return [f"fc:{{{tag}}}:{suffix}" for suffix in ("p", "l", "s", "w", "t")]
-
-
-def _load_script(name: str) -> str:
-    lua = resources.files(__package__) / "lua"
-    return (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 
 
 @dataclass(slots=True)
@@ -92,10 +106,10 @@ class RedisStore(Store):
         self._socket_timeout = socket_timeout
         self._client = self._make_client(socket_timeout)
         self._inbox_client: Any = None
-        self._scripts = {
-            name: self._client.register_script(_load_script(name))
-            for name in ("enter", "release", "cancel", "pump", "renew", "state", "steer")
-        }
+        self._scripts = {name: self._client.register_script(scripts.script(name)) for name in scripts.OPERATIONS}
+        self._batcher = ScriptBatcher(
+            self._scripts, self._client.register_script(scripts.batch_script()), self._slot_of(), self._unavailable
+        )
         self._listeners: dict[str, AdmitCallback] = {}
         self._local: dict[str, _Local] = {}
         self._inbox_task: asyncio.Task[None] | None = None
@@ -107,18 +121,19 @@ class RedisStore(Store):
     def _make_client(self, socket_timeout: float) -> Any:
         uri = self.uri
         host, port = uri.nodes[0]
-        return aioredis.Redis(
+        pool = aioredis.ConnectionPool(
+            connection_class=_SSLConnection if uri.tls else _Connection,
             host=host,
             port=port,
             db=uri.db,
             username=uri.username,
             password=uri.password,
-            ssl=uri.tls,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(ExponentialBackoff(cap=0.25, base=0.01), 1),
             health_check_interval=30,
         )
+        return aioredis.Redis(connection_pool=pool, auto_close_connection_pool=True)
 
     # -- subscriptions and wake-ups ------------------------------------------------------------------------------
 
@@ -182,15 +197,26 @@ class RedisStore(Store):
 
     # -- operations ----------------------------------------------------------------------------------------------
 
+    def _slot_of(self) -> Callable[[str], int] | None:
+        return None  # one node: every flow key can share a batch
+
+    def _unavailable(self, exc: BaseException) -> BaseException:
+        """Translate a redis-py error; an outage becomes StoreUnavailable (503), a script bug stays as it is."""
+        if isinstance(exc, _UNAVAILABLE) or (
+            isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in ("BUSY", "LOADING", "CLUSTERDOWN")
+        ):
+            error = StoreUnavailable(f"the store {self.uri} cannot be reached: {type(exc).__name__}")
+            error.__cause__ = exc
+            return error
+        return exc
+
     async def _call(self, script: str, key: str, args: Sequence[Any]) -> Any:
+        if script in scripts.BATCHED:
+            return await self._batcher.call(script, key_names(key), args)
         try:
             return await self._scripts[script](keys=key_names(key), args=args)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"the store {self.uri} cannot be reached: {type(exc).__name__}") from exc
-        except ResponseError as exc:
-            if "BUSY" in str(exc) or "LOADING" in str(exc) or "CLUSTERDOWN" in str(exc):
-                raise StoreUnavailable(f"the store {self.uri} is not serving: {exc}") from exc
-            raise
+        except Exception as exc:
+            raise self._unavailable(exc) from exc
 
     async def _guard(self, operation: Awaitable[_T]) -> _T:
         try:
@@ -351,6 +377,7 @@ class RedisStore(Store):
             self._inbox_task = None
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self._batcher.drain()
         for client in (self._inbox_client, self._client):
             if client is not None:
                 with contextlib.suppress(*_UNAVAILABLE):
@@ -364,7 +391,11 @@ class RedisStore(Store):
 
 
 class RedisClusterStore(RedisStore):
-    """`redis+cluster://host:port[,host:port…]`: the same scripts; only the client differs."""
+    """`redis+cluster://host:port[,host:port…]`: the same scripts; only the client differs, and batches are
+    grouped by hash slot."""
+
+    def _slot_of(self) -> Callable[[str], int] | None:
+        return lambda name: key_slot(name.encode())
 
     def _make_client(self, socket_timeout: float) -> Any:
         uri = self.uri

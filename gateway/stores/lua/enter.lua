@@ -1,5 +1,5 @@
 -- enter: admit a ticket now, queue it at the tail, or refuse it.
--- KEYS: the five keys of one flow key (lib.lua)
+-- KEYS: P L S W T of one flow key (lib.lua)
 -- ARGV: ticket, owner, lease_ttl_ms, pickup_ms, par, rate, per_ms, max_waiting, max_wait_ms
 -- Returns {status, a, b, new_key, handoff ticket, owner, ...}:
 --   status 1 admitted; 2 queued (a = position, b = recheck ms or -1); 3 refused (a = reason, b = retry ms).
@@ -8,39 +8,39 @@ local ticket, owner = ARGV[1], ARGV[2]
 local lease_ttl, pickup_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 
-local new_key = redis.call('EXISTS', P) == 0 and 1 or 0
-local req = redis.call('HMGET', P, 'par', 'rate', 'per', 'mw', 'mwt')
-local changed = false
-for i = 1, 5 do
-  if req[i] ~= ARGV[4 + i] then changed = true end
-end
-if changed then
+local v = redis.call('HMGET', P, unpack(POLICY_FIELDS))
+local new_key = v[1] and 0 or 1
+if v[1] ~= ARGV[5] or v[2] ~= ARGV[6] or v[3] ~= ARGV[7] or v[4] ~= ARGV[8] or v[5] ~= ARGV[9] then
   redis.call('HSET', P, 'par', ARGV[5], 'rate', ARGV[6], 'per', ARGV[7], 'mw', ARGV[8], 'mwt', ARGV[9])
+  v[1], v[2], v[3], v[4], v[5] = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 end
-
-local pol = policy()
+local pol = policy_of(v)
 trim(pol, now)
-if redis.call('ZSCORE', L, ticket) then return {1, 0, 0, new_key} end
-if redis.call('ZSCORE', W, ticket) then
-  return {2, redis.call('ZRANK', W, ticket) + 1, blocked_for(pol, now), new_key}
-end
 
+if redis.call('ZSCORE', L, ticket) then return {1, 0, 0, new_key} end
 local out = {0, 0, 0, new_key}
-if redis.call('ZCARD', W) > 0 then pump(pol, now, owner, pickup_ms, out) end
-if redis.call('ZCARD', W) == 0 and blocked_for(pol, now) == 0 then
+local waiting = redis.call('ZCARD', W)
+if waiting > 0 then
+  local rank = redis.call('ZRANK', W, ticket)
+  if rank then return {2, rank + 1, blocked_for(pol, now), new_key} end
+  pump(pol, now, owner, pickup_ms, out)
+  waiting = redis.call('ZCARD', W)
+end
+if waiting == 0 and blocked_for(pol, now) == 0 then
   start(pol, ticket, lease_ttl, now)
   out[1] = 1
+elseif waiting >= pol.mw then
+  local retry = blocked_for(pol, now)
+  out[1], out[2], out[3] = 3, 'waitlist_full', retry > 0 and retry or 1000
+  keep_policy(pol)
 else
-  local waiting = redis.call('ZCARD', W)
-  if waiting >= pol.mw then
-    local retry = blocked_for(pol, now)
-    out[1], out[2], out[3] = 3, 'waitlist_full', retry > 0 and retry or 1000
-  else
-    local seq = redis.call('HINCRBY', P, 'seq', 1)
-    redis.call('ZADD', W, seq, ticket)
-    redis.call('HSET', T, ticket, owner .. ' ' .. (now + pol.mwt) .. ' ' .. lease_ttl)
-    out[1], out[2], out[3] = 2, waiting + 1, blocked_for(pol, now)
-  end
+  local seq = redis.call('HINCRBY', P, 'seq', 1)
+  redis.call('ZADD', W, seq, ticket)
+  redis.call('HSET', T, ticket, owner .. ' ' .. (now + pol.mwt) .. ' ' .. lease_ttl)
+  local keep = pol.mwt + math.max(pol.per, lease_ttl) + IDLE_MS
+  redis.call('PEXPIRE', W, keep)
+  redis.call('PEXPIRE', T, keep)
+  if pol.paused or pol.pinned then redis.call('PERSIST', P) else redis.call('PEXPIRE', P, keep) end
+  out[1], out[2], out[3] = 2, waiting + 1, blocked_for(pol, now)
 end
-touch(pol, now)
 return out

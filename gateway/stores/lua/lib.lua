@@ -1,13 +1,17 @@
--- Shared helpers, prepended to every operation script (see redis.py).
--- Every script gets the same five KEYS, all under one hash tag {K} so they live in one slot:
---   KEYS[1] fc:{K}:p  hash   policy: par rate per mw mwt (requested), ppar prate pper (pins), paused, seq, reset
---   KEYS[2] fc:{K}:l  zset   lease id -> expires at (ms)
---   KEYS[3] fc:{K}:s  zset   start id -> started at (ms): the sliding window of starts
---   KEYS[4] fc:{K}:w  zset   ticket id -> arrival sequence (FIFO waitlist)
---   KEYS[5] fc:{K}:t  hash   ticket id -> "owner deadline_ms lease_ttl_ms"
+-- Shared helpers, compiled in front of every operation (see scripts.py). An operation works on the five
+-- keys of one flow key, all under one hash tag {K} so they live in one slot:
+--   P fc:{K}:p  hash   policy: par rate per mw mwt (requested), ppar prate pper (pins), paused, seq, reset
+--   L fc:{K}:l  zset   lease id -> expires at (ms)
+--   S fc:{K}:s  zset   start id -> started at (ms): the sliding window of starts
+--   W fc:{K}:w  zset   ticket id -> arrival sequence (FIFO waitlist)
+--   T fc:{K}:t  hash   ticket id -> "owner deadline_ms lease_ttl_ms"
 -- Numbers: -1 means unlimited. Time comes from the server only.
-local P, L, S, W, T = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local P, L, S, W, T
 local IDLE_MS = 120000 -- state outlives its last use by this much (plus the longest period, lease or wait)
+
+local function bind(keys, base)
+  P, L, S, W, T = keys[base + 1], keys[base + 2], keys[base + 3], keys[base + 4], keys[base + 5]
+end
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -15,13 +19,14 @@ local function now_ms()
 end
 
 local function num(value, default)
-  if value == false or value == nil or value == '' then return default end
+  if not value or value == '' then return default end
   return tonumber(value)
 end
 
--- The effective policy: requested values with the operator's pins on top.
-local function policy()
-  local v = redis.call('HMGET', P, 'par', 'rate', 'per', 'mw', 'mwt', 'ppar', 'prate', 'pper', 'paused')
+local POLICY_FIELDS = {'par', 'rate', 'per', 'mw', 'mwt', 'ppar', 'prate', 'pper', 'paused'}
+
+-- The effective policy from HMGET P POLICY_FIELDS: requested values with the operator's pins on top.
+local function policy_of(v)
   local pol = {par = num(v[1], -1), rate = num(v[2], -1), per = num(v[3], 1000), mw = num(v[4], 10000),
                mwt = num(v[5], 30000), paused = v[9] == '1', pinned = false}
   if v[6] then pol.par = tonumber(v[6]); pol.pinned = true end
@@ -29,14 +34,14 @@ local function policy()
   return pol
 end
 
+local function policy()
+  return policy_of(redis.call('HMGET', P, unpack(POLICY_FIELDS)))
+end
+
 -- Drop expired leases and starts that left the window.
 local function trim(pol, now)
   redis.call('ZREMRANGEBYSCORE', L, '-inf', now)
-  if pol.rate >= 0 then
-    redis.call('ZREMRANGEBYSCORE', S, '-inf', now - pol.per)
-  else
-    redis.call('DEL', S)
-  end
+  if pol.rate > 0 then redis.call('ZREMRANGEBYSCORE', S, '-inf', now - pol.per) end
 end
 
 -- 0 when a start may happen now; else ms until the window or a lease expiry may allow one; -1: only an
@@ -44,12 +49,9 @@ end
 local function blocked_for(pol, now)
   if pol.paused or pol.rate == 0 then return -1 end
   local wait = 0
-  if pol.par >= 0 then
-    local active = redis.call('ZCARD', L)
-    if active >= pol.par then
-      local first = redis.call('ZRANGE', L, 0, 0, 'WITHSCORES')
-      wait = math.max(wait, tonumber(first[2]) - now)
-    end
+  if pol.par >= 0 and redis.call('ZCARD', L) >= pol.par then
+    local first = redis.call('ZRANGE', L, 0, 0, 'WITHSCORES')
+    wait = tonumber(first[2]) - now
   end
   if pol.rate > 0 then
     local used = redis.call('ZCARD', S)
@@ -62,9 +64,17 @@ local function blocked_for(pol, now)
   return 0
 end
 
+-- Start a delivery: a lease for `ttl` ms and, when a rate applies, an entry in the window. Both keys are
+-- kept at least as long as the lease can live.
 local function start(pol, id, ttl, now)
   redis.call('ZADD', L, now + ttl, id)
-  if pol.rate > 0 then redis.call('ZADD', S, now, id) end
+  local keep = math.max(pol.per, ttl) + IDLE_MS
+  redis.call('PEXPIRE', L, keep)
+  if pol.rate > 0 then
+    redis.call('ZADD', S, now, id)
+    redis.call('PEXPIRE', S, keep)
+  end
+  if not (pol.paused or pol.pinned) then redis.call('PEXPIRE', P, keep + pol.mwt) end
 end
 
 -- Admit head tickets while a token and a rate slot are free. Tickets past their deadline are dropped
@@ -93,15 +103,11 @@ local function pump(pol, now, caller, pickup_ms, out)
   end
 end
 
--- Keep the key's state for as long as anything in it can matter (window, waits, live leases), not longer.
-local function touch(pol, now)
-  local last = redis.call('ZRANGE', L, -1, -1, 'WITHSCORES')
-  local lease_ms = last[2] and (tonumber(last[2]) - now) or 0
-  local ttl = math.max(pol.per, pol.mwt, lease_ms) + IDLE_MS
-  for _, key in ipairs({L, S, W, T}) do redis.call('PEXPIRE', key, ttl) end
+-- Keep a paused or pinned key's policy until the operator lets go; otherwise it expires with the key.
+local function keep_policy(pol)
   if pol.paused or pol.pinned then
     redis.call('PERSIST', P)
   else
-    redis.call('PEXPIRE', P, ttl)
+    redis.call('PEXPIRE', P, math.max(pol.per, pol.mwt) + IDLE_MS)
   end
 end

@@ -1,9 +1,9 @@
 -- pump: reap expired leases and tickets, admit what may go now, report on the caller's tickets.
 -- Run on the owner's timer (rate window reopens, a lease may expire) and as its slow safety re-check.
--- KEYS: the five keys of one flow key (lib.lua)
+-- KEYS: P L S W T of one flow key (lib.lua)
 -- ARGV: caller owner, pickup_ms, ticket...
--- Returns {recheck ms or -1 (nothing waits or only an event can help), statuses string, handoff ticket,
--- owner, ...}; statuses has one letter per asked ticket: w waiting, a admitted, g gone.
+-- Returns {recheck ms or -1 (nothing waits or only an event can help), statuses, handoff ticket, owner, ...};
+-- statuses has one letter per asked ticket: w waiting, a admitted, g gone.
 local now = now_ms()
 local pol = policy()
 trim(pol, now)
@@ -21,5 +21,4 @@ for i = 3, #ARGV do
   end
 end
 out[2] = table.concat(statuses)
-if #out > 2 then touch(pol, now) end
 return out

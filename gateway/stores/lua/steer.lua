@@ -1,6 +1,6 @@
 -- steer: an operator's change to one key: set_policy, pause, resume, pin, unpin or reset_rate. Then admit
 -- what the change lets go.
--- KEYS: the five keys of one flow key (lib.lua)
+-- KEYS: P L S W T of one flow key (lib.lua)
 -- ARGV: caller owner, pickup_ms, operation, operation arguments...
 --   set_policy par rate per mw mwt | pause | resume | pin par rate per ('' = leave) | unpin par rate (1/0)
 --   | reset_rate
@@ -29,5 +29,5 @@ local pol = policy()
 trim(pol, now)
 local out = {}
 pump(pol, now, ARGV[1], tonumber(ARGV[2]), out)
-touch(pol, now)
+keep_policy(pol)
 return out

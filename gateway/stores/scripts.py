@@ -1,0 +1,52 @@
+"""The Lua operations (lua/*.lua) compiled into scripts: one per operation, and one that runs a batch.
+
+Each operation file is the body of a function of (KEYS, ARGV) working on the keys `bind` sets; lib.lua's
+helpers are compiled in front. The batch script runs several operations, on the same or different flow keys
+of one slot, in one call: that is how the operations of one event-loop tick share one round trip.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+
+BATCHED = ("enter", "release", "cancel", "pump", "renew")
+OPERATIONS = (*BATCHED, "state", "steer")
+KEYS_PER_OP = 5
+
+_DISPATCH = """
+-- batch: ARGV = operation count, then per operation: name, argument count, arguments...
+-- Operation i works on KEYS[5i-4 .. 5i]. Returns one reply per operation, in order.
+local ops = {%s}
+local results, pos = {}, 2
+for i = 1, tonumber(ARGV[1]) do
+  local name, n = ARGV[pos], tonumber(ARGV[pos + 1])
+  local args = {}
+  for j = 1, n do args[j] = ARGV[pos + 1 + j] end
+  pos = pos + 2 + n
+  bind(KEYS, 5 * (i - 1))
+  results[i] = ops[name](KEYS, args)
+end
+return results
+"""
+
+
+def _read(name: str) -> str:
+    return (resources.files(__package__) / "lua" / f"{name}.lua").read_text()
+
+
+def _function(name: str) -> str:
+    return f"local function op_{name}(KEYS, ARGV)\n{_read(name)}\nend\n"
+
+
+@cache
+def script(name: str) -> str:
+    """The standalone script of one operation."""
+    return f"{_read('lib')}\n{_function(name)}bind(KEYS, 0)\nreturn op_{name}(KEYS, ARGV)\n"
+
+
+@cache
+def batch_script() -> str:
+    """One script running any sequence of the batched operations."""
+    table = ", ".join(f"{name} = op_{name}" for name in BATCHED)
+    return _read("lib") + "\n" + "".join(_function(name) for name in BATCHED) + _DISPATCH % table
