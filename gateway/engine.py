@@ -1,10 +1,10 @@
 """FlowController: "may this delivery go now, and tell me when it may".
 
-The store decides atomically; the controller waits. A queued ticket waits on a future that the store's
-admission callback resolves (no polling). Per key, one timer fires when the store said the rate window or a
-lease expiry may let a ticket go without any release; on stores where a wake-up can be lost (Redis, when
-another instance dies between admitting our ticket and telling us), the same timer doubles as a slow safety
-re-check. Leases held by this controller are renewed in one batch per key every `lease_ttl / 3`.
+The store decides atomically and wakes us; the controller waits. A queued ticket waits on a future that the
+store's admission callback resolves (no polling); the store itself arms one timer per key for the instant the
+rate window reopens or a lease expires. On stores where a wake-up can be lost (Redis, when another instance
+dies between admitting our ticket and telling us), one slow safety re-check per key with waiters asks the
+store about our tickets. Leases held by this controller are renewed in one batch per key every `lease_ttl/3`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .errors import InvalidFlowControl, Rejected, StoreUnavailable
 from .policy import Policy, validate_key
-from .stores.base import Admitted, PumpResult, Queued, Refused, Store
+from .stores.base import Admitted, Refused, Store
 
 DEFAULT_LEASE_TTL = 60.0
 DEFAULT_SAFETY_INTERVAL = 5.0
@@ -66,7 +66,8 @@ class FlowController:
         self.lease_ttl = lease_ttl
         self.safety_interval = safety_interval
         self.owner = os.urandom(8).hex()
-        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._waiters: dict[str, asyncio.Future[None] | None] = {}  # None: enter not answered yet
+        self._early: set[str] = set()
         self._waiting_by_key: dict[str, set[str]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._held: dict[str, str] = {}  # lease id -> key, renewed while held
@@ -95,13 +96,12 @@ class FlowController:
         """
         ticket = os.urandom(12).hex()
         started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._waiters[ticket] = future  # before enter: the wake-up may come before enter's reply
+        self._waiters[ticket] = None  # before enter: the wake-up may come before enter's reply
         try:
             entry = await self.store.enter(key, policy, ticket, self.owner, self.lease_ttl)
         except BaseException:
             self._waiters.pop(ticket, None)
+            self._early.discard(ticket)
             self._withdraw(key, ticket)
             raise
         if isinstance(entry, Admitted):
@@ -110,8 +110,12 @@ class FlowController:
         if isinstance(entry, Refused):
             self._waiters.pop(ticket, None)
             raise Rejected(entry.reason, _refusal_message(entry.reason, key), entry.retry_after)
+        future = self._waiters[ticket] = asyncio.get_running_loop().create_future()
+        if ticket in self._early:  # admitted by another instance before enter's reply reached us
+            self._early.discard(ticket)
+            future.set_result(None)
         self._waiting_by_key.setdefault(key, set()).add(ticket)
-        self._schedule(key, entry)
+        self._schedule(key)
         try:
             async with asyncio.timeout(policy.max_wait):
                 await future
@@ -175,7 +179,7 @@ class FlowController:
             handle.cancel()
         self._timers.clear()
         for future in self._waiters.values():
-            if not future.done():
+            if future is not None and not future.done():
                 future.cancel()
         if self._renewer is not None:
             self._renewer.cancel()
@@ -190,27 +194,23 @@ class FlowController:
     # -- admission callbacks and timers ------------------------------------------------------------------------
 
     def _on_admit(self, key: str, ticket: str) -> None:
-        future = self._waiters.get(ticket)
-        if future is not None and not future.done():
-            future.set_result(None)
-        elif future is None:
+        if ticket not in self._waiters:
             # Its delivery is gone (timed out or cancelled while the admission was on its way): free the token.
             self._spawn(self.store.release(key, ticket))
-
-    def _schedule(self, key: str, queued: Queued | PumpResult) -> None:
-        delay = queued.recheck_after
-        if self.store.wakeups_can_be_lost:
-            delay = min(delay if delay is not None else self.safety_interval, self.safety_interval)
-        if delay is None:
             return
-        loop = asyncio.get_running_loop()
-        when = loop.time() + delay
-        current = self._timers.get(key)
-        if current is not None:
-            if current.when() <= when:
-                return
-            current.cancel()
-        self._timers[key] = loop.call_at(when, self._on_timer, key)
+        future = self._waiters[ticket]
+        if future is None:
+            self._early.add(ticket)
+        elif not future.done():
+            future.set_result(None)
+
+    def _schedule(self, key: str) -> None:
+        """The slow safety re-check, on stores where a wake-up can be lost. Time-based admissions (the rate
+        window reopening, a lease expiring) are the store's own timer's job."""
+        if not self.store.wakeups_can_be_lost:
+            return
+        if key not in self._timers:
+            self._timers[key] = asyncio.get_running_loop().call_later(self.safety_interval, self._on_timer, key)
 
     def _on_timer(self, key: str) -> None:
         self._timers.pop(key, None)
@@ -222,10 +222,10 @@ class FlowController:
         if not tickets:
             return
         try:
-            result = await self.store.pump(key, tickets)
+            statuses = (await self.store.pump(key, tickets)).statuses
         except StoreUnavailable:
-            result = PumpResult({}, self.safety_interval)
-        for ticket, status in result.statuses.items():
+            statuses = {}
+        for ticket, status in statuses.items():
             future = self._waiters.get(ticket)
             if future is None or future.done():
                 continue
@@ -236,7 +236,7 @@ class FlowController:
                     Rejected("wait_timeout", f"the ticket of key {key!r} left the waitlist unadmitted", 1.0)
                 )
         if self._waiting_by_key.get(key):
-            self._schedule(key, result)
+            self._schedule(key)
 
     # -- helpers -----------------------------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ class KeyState:
     policy: Policy
     active: int
     waiting: int
-    rate_count: int
+    rate_count: int  # starts in the current window; 0 when the key has no rate limit (nothing is logged)
     rate_period_start: float  # unix seconds: start of the current sliding window
     paused: bool
     pinned_parallelism: bool

@@ -5,6 +5,7 @@ asyncio runs one callback at a time and no method here awaits, so each operation
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -36,22 +37,33 @@ class _Ticket:
 @dataclass(slots=True)
 class _Key:
     requested: Policy
+    policy: Policy  # requested, with the operator's pins on top
     pin_parallelism: int | None = None
     pin_rate: tuple[int, float] | None = None
     paused: bool = False
     leases: dict[str, float] = field(default_factory=dict)  # lease -> expires at
-    starts: deque[float] = field(default_factory=deque)  # start times, oldest first
+    next_expiry: float = float("inf")  # no lease expires before this (renewals only push expiries later)
+    starts: deque[float] = field(default_factory=deque)  # start times, oldest first (only when rate-limited)
     waiting: OrderedDict[str, _Ticket] = field(default_factory=OrderedDict)
     window_reset_at: float = float("-inf")
+    timer: asyncio.TimerHandle | None = None  # re-admits when the rate window reopens or a lease expires
 
-    @property
-    def policy(self) -> Policy:
+    def request(self, policy: Policy) -> bool:
+        """Make `policy` the requested one; True when the effective policy changed."""
+        if policy is self.requested or policy == self.requested:
+            return False
+        self.requested = policy
+        return self.repin()
+
+    def repin(self) -> bool:
         policy = self.requested
         if self.pin_parallelism is not None:
             policy = policy.replace(parallelism=self.pin_parallelism)
         if self.pin_rate is not None:
             policy = policy.replace(rate=self.pin_rate[0], period=self.pin_rate[1])
-        return policy
+        changed = policy != self.policy
+        self.policy = policy
+        return changed
 
     def idle(self, now: float) -> bool:
         self.trim(now)
@@ -60,13 +72,16 @@ class _Key:
 
     def trim(self, now: float) -> None:
         """Drop expired leases and starts that left the sliding window."""
-        if self.leases:
-            for lease in [lease for lease, expires in self.leases.items() if expires <= now]:
-                del self.leases[lease]
-        horizon = now - self.policy.period
+        if now >= self.next_expiry:
+            leases = self.leases
+            for lease in [lease for lease, expires in leases.items() if expires <= now]:
+                del leases[lease]
+            self.next_expiry = min(leases.values(), default=float("inf"))
         starts = self.starts
-        while starts and starts[0] <= horizon:
-            starts.popleft()
+        if starts:
+            horizon = now - self.policy.period
+            while starts and starts[0] <= horizon:
+                starts.popleft()
 
     def blocked_for(self, now: float) -> float | None:
         """0 when a start may happen now; else seconds until the rate window or a lease expiry may allow
@@ -74,12 +89,20 @@ class _Key:
         policy = self.policy
         if self.paused or policy.rate == 0:
             return None
-        waits: list[float] = []
+        wait = 0.0
         if policy.parallelism is not None and len(self.leases) >= policy.parallelism:
-            waits.append(min(self.leases.values()) - now)
+            wait = self.next_expiry - now  # a lower bound: a timer that fires early just looks again
         if policy.rate is not None and len(self.starts) >= policy.rate:
-            waits.append(self.starts[len(self.starts) - policy.rate] + policy.period - now)
-        return max(max(waits), 0.001) if waits else 0.0
+            wait = max(wait, self.starts[len(self.starts) - policy.rate] + policy.period - now)
+        return max(wait, 0.001) if wait > 0 else 0.0
+
+    def start(self, lease: str, ttl: float, now: float) -> None:
+        expires = now + ttl
+        self.leases[lease] = expires
+        if expires < self.next_expiry:
+            self.next_expiry = expires
+        if self.policy.rate is not None:
+            self.starts.append(now)
 
 
 class MemoryStore(Store):
@@ -109,7 +132,7 @@ class MemoryStore(Store):
                 self._sweep(now)
                 if len(self._keys) >= self._max_keys:
                     return Refused("too_many_keys", 1.0)
-            state = self._keys[key] = _Key(policy)
+            state = self._keys[key] = _Key(policy, policy)
             self._new_keys += 1
             if self._new_keys % _SWEEP_EVERY == 0:
                 self._sweep(now)
@@ -118,19 +141,20 @@ class MemoryStore(Store):
             return Admitted(ticket)
         if ticket in state.waiting:
             return Queued(list(state.waiting).index(ticket) + 1, state.blocked_for(now))
-        changed = state.requested != policy
-        state.requested = policy
+        changed = state.request(policy)
         state.trim(now)
         if changed and state.waiting:
             self._admit_waiting(key, state, now)
         if not state.waiting and state.blocked_for(now) == 0.0:
-            self._start(state, ticket, lease_ttl, now)
+            state.start(ticket, lease_ttl, now)
             return Admitted(ticket)
         effective = state.policy
         if len(state.waiting) >= effective.max_waiting:
             return Refused("waitlist_full", _retry_after(state.blocked_for(now)))
         state.waiting[ticket] = _Ticket(owner, now + effective.max_wait, lease_ttl)
-        return Queued(len(state.waiting), state.blocked_for(now))
+        blocked_for = state.blocked_for(now)
+        self._arm(key, state, blocked_for)
+        return Queued(len(state.waiting), blocked_for)
 
     async def pump(self, key: str, tickets: Sequence[str] = ()) -> PumpResult:
         now = self._clock()
@@ -168,9 +192,9 @@ class MemoryStore(Store):
         now = self._clock()
         state.trim(now)
         found = state.leases.pop(lease, None) is not None
-        self._admit_waiting(key, state, now)
-        self._forget_if_idle(key, state, now)
-        return found
+        if state.waiting:
+            self._admit_waiting(key, state, now)
+        return found  # an idle key stays until a sweep: hot keys are not rebuilt on every delivery
 
     async def renew(self, key: str, leases: Sequence[str], ttl: float) -> list[bool]:
         state = self._keys.get(key)
@@ -214,7 +238,7 @@ class MemoryStore(Store):
 
     async def set_policy(self, key: str, policy: Policy) -> None:
         state = self._key(key, policy)
-        state.requested = policy
+        state.request(policy)
         self._admit_waiting(key, state, self._clock())
 
     async def pause(self, key: str) -> None:
@@ -236,6 +260,7 @@ class MemoryStore(Store):
             pinned = Policy(rate=rate, period=period or state.requested.period)
             assert pinned.rate is not None
             state.pin_rate = (pinned.rate, pinned.period)
+        state.repin()
         self._admit_waiting(key, state, self._clock())
 
     async def unpin(self, key: str, parallelism: bool = True, rate: bool = True) -> None:
@@ -246,6 +271,7 @@ class MemoryStore(Store):
             state.pin_parallelism = None
         if rate:
             state.pin_rate = None
+        state.repin()
         now = self._clock()
         self._admit_waiting(key, state, now)
         self._forget_if_idle(key, state, now)
@@ -272,16 +298,16 @@ class MemoryStore(Store):
 
     async def close(self) -> None:
         self._listeners.clear()
+        for state in self._keys.values():
+            if state.timer is not None:
+                state.timer.cancel()
 
     def _key(self, key: str, policy: Policy | None = None) -> _Key:
         state = self._keys.get(key)
         if state is None:
-            state = self._keys[key] = _Key(policy or Policy())
+            policy = policy or Policy()
+            state = self._keys[key] = _Key(policy, policy)
         return state
-
-    def _start(self, state: _Key, lease: str, ttl: float, now: float) -> None:
-        state.leases[lease] = now + ttl
-        state.starts.append(now)
 
     def _admit_waiting(self, key: str, state: _Key, now: float) -> None:
         """Admit head tickets while a token and a rate slot are free; wake their owners."""
@@ -295,12 +321,32 @@ class MemoryStore(Store):
             if state.blocked_for(now) != 0.0:
                 break
             del waiting[ticket]
-            self._start(state, ticket, entry.lease_ttl, now)
+            state.start(ticket, entry.lease_ttl, now)
             admitted.append((ticket, entry.owner))
         for ticket, owner in admitted:
             listener = self._listeners.get(owner)
             if listener is not None:
                 listener(key, ticket)
+        if waiting:
+            self._arm(key, state, state.blocked_for(now))
+
+    def _arm(self, key: str, state: _Key, delay: float | None) -> None:
+        """One timer per key for the instant the window reopens or a lease expires (never a poll)."""
+        if not delay:
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        if state.timer is not None:
+            if state.timer.when() <= when:
+                return
+            state.timer.cancel()
+        state.timer = loop.call_at(when, self._on_timer, key)
+
+    def _on_timer(self, key: str) -> None:
+        state = self._keys.get(key)
+        if state is not None:
+            state.timer = None
+            self._admit_waiting(key, state, self._clock())
 
     def _forget_if_idle(self, key: str, state: _Key, now: float) -> None:
         if state.idle(now):

@@ -113,6 +113,7 @@ class RedisStore(Store):
         self._listeners: dict[str, AdmitCallback] = {}
         self._local: dict[str, _Local] = {}
         self._inbox_task: asyncio.Task[None] | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
@@ -133,7 +134,7 @@ class RedisStore(Store):
             retry=Retry(ExponentialBackoff(cap=0.25, base=0.01), 1),
             health_check_interval=30,
         )
-        return aioredis.Redis(connection_pool=pool, auto_close_connection_pool=True)
+        return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
 
     # -- subscriptions and wake-ups ------------------------------------------------------------------------------
 
@@ -249,6 +250,7 @@ class RedisStore(Store):
             self._local.pop(ticket, None)
             return Refused(_text(first), second / 1000)
         self._ensure_inbox()
+        self._arm(key, second)
         return Queued(int(first), None if second < 0 else second / 1000)
 
     async def pump(self, key: str, tickets: Sequence[str] = ()) -> PumpResult:
@@ -263,17 +265,20 @@ class RedisStore(Store):
                 if status == "admitted" and local is not None:  # a lost wake-up: take the lease over
                     self._spawn(self.renew(key, [ticket], local.lease_ttl))
         self._handoffs(key, reply[2:])
+        self._arm(key, recheck)
         return PumpResult(statuses, None if recheck < 0 else recheck / 1000)
 
     async def cancel(self, key: str, ticket: str) -> bool:
         self._local.pop(ticket, None)
         reply = await self._call("cancel", key, [ticket, self.instance, self._pickup_ms])
-        self._handoffs(key, reply[1:])
+        self._handoffs(key, reply[2:])
+        self._arm(key, int(reply[1]))
         return bool(reply[0])
 
     async def release(self, key: str, lease: str) -> bool:
         reply = await self._call("release", key, [lease, self.instance, self._pickup_ms])
-        self._handoffs(key, reply[1:])
+        self._handoffs(key, reply[2:])
+        self._arm(key, int(reply[1]))
         return bool(reply[0])
 
     async def renew(self, key: str, leases: Sequence[str], ttl: float) -> list[bool]:
@@ -357,7 +362,8 @@ class RedisStore(Store):
 
     async def _steer(self, key: str, operation: str, *args: Any) -> None:
         reply = await self._call("steer", key, [self.instance, self._pickup_ms, operation, *args])
-        self._handoffs(key, reply)
+        self._handoffs(key, reply[1:])
+        self._arm(key, int(reply[0]))
 
     async def in_flight(self) -> int:
         total = 0
@@ -370,6 +376,9 @@ class RedisStore(Store):
         await self._guard(self._client.ping())
 
     async def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         if self._inbox_task is not None:
             self._inbox_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -383,6 +392,23 @@ class RedisStore(Store):
                 with contextlib.suppress(*_UNAVAILABLE):
                     await client.aclose()
         self._listeners.clear()
+
+    def _arm(self, key: str, recheck_ms: int) -> None:
+        """One timer per key for the instant the rate window reopens or a lease expires: then pump."""
+        if recheck_ms <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + recheck_ms / 1000
+        current = self._timers.get(key)
+        if current is not None:
+            if current.when() <= when:
+                return
+            current.cancel()
+        self._timers[key] = loop.call_at(when, self._on_timer, key)
+
+    def _on_timer(self, key: str) -> None:
+        del self._timers[key]
+        self._spawn(self.pump(key))
 
     def _spawn(self, operation: Awaitable[Any]) -> None:
         task = asyncio.get_running_loop().create_task(_quietly(operation))

@@ -2,8 +2,8 @@
 -- was admitted meanwhile.
 -- KEYS: P L S W T of one flow key (lib.lua)
 -- ARGV: ticket, caller owner, pickup_ms
--- Returns {was_admitted (1/0), handoff ticket, owner, ...}.
-local out = {0}
+-- Returns {was_admitted (1/0), recheck ms or -1 (see release.lua), handoff ticket, owner, ...}.
+local out = {0, -1}
 if redis.call('ZREM', W, ARGV[1]) == 1 then
   redis.call('HDEL', T, ARGV[1])
 else
@@ -14,5 +14,6 @@ if redis.call('EXISTS', W) == 1 then
   local pol = policy()
   trim(pol, now)
   pump(pol, now, ARGV[2], tonumber(ARGV[3]), out)
+  if redis.call('EXISTS', W) == 1 then out[2] = blocked_for(pol, now) end
 end
 return out

@@ -4,7 +4,7 @@
 -- ARGV: caller owner, pickup_ms, operation, operation arguments...
 --   set_policy par rate per mw mwt | pause | resume | pin par rate per ('' = leave) | unpin par rate (1/0)
 --   | reset_rate
--- Returns {handoff ticket, owner, ...}.
+-- Returns {recheck ms or -1 (see release.lua), handoff ticket, owner, ...}.
 local op = ARGV[3]
 local now = now_ms()
 if op == 'set_policy' then
@@ -27,7 +27,8 @@ else
 end
 local pol = policy()
 trim(pol, now)
-local out = {}
+local out = {-1}
 pump(pol, now, ARGV[1], tonumber(ARGV[2]), out)
+if redis.call('EXISTS', W) == 1 then out[1] = blocked_for(pol, now) end
 keep_policy(pol)
 return out
