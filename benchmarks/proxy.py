@@ -1,0 +1,355 @@
+"""Proxy benchmark: one run, side by side, wrk on loopback; results appended to benchmarks/RESULTS.md.
+
+    python benchmarks/proxy.py [--duration 5] [--connections 64] [--no-write]
+
+Rows (all against the same upstream, an nginx worker answering a static 3-byte body):
+upstream direct · nginx proxy_pass with keepalive · naive Starlette+aiohttp proxy (also with two Redis calls per
+request) · naive Starlette+httpx proxy · Flowgate passthrough · Flowgate with a flow-controlled key (parallelism 64,
+so the limit never throttles) on memory:// and redis:// (its own redis-server), under uvicorn and granian.
+Then latency at a fixed 1,000 req/s (open loop, from scheduled send time): direct vs Flowgate; and a
+flow-controlled run (parallelism 8, rate 2,000/s) against a recording upstream, reporting achieved rate, the
+most calls in flight and the most starts in any 1 s window the upstream saw (violations must be 0).
+Every process is started here and stopped by its pid. wrk and nginx are installed with apt-get when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.redis_servers import redis_server  # noqa: E402
+
+PYTHON = sys.executable
+RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def ensure_tools() -> None:
+    missing = [name for name in ("wrk", "nginx") if not (shutil.which(name) or os.path.exists(f"/usr/sbin/{name}"))]
+    if missing:
+        print(f"installing {', '.join(missing)} with apt-get", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server for port {port} exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+@contextlib.contextmanager
+def process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    environment = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    proc = subprocess.Popen(args, env=environment, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@contextlib.contextmanager
+def nginx(port: int, upstream_port: int | None, workdir: str) -> Iterator[subprocess.Popen[bytes]]:
+    """One nginx worker: a static `ok` on `port`, or proxy_pass to `upstream_port` with keepalive."""
+    prefix = os.path.join(workdir, f"nginx-{port}")
+    os.makedirs(prefix, exist_ok=True)
+    if upstream_port is None:
+        body = 'location / { return 200 "ok\\n"; }'
+        upstream_block = ""
+    else:
+        upstream_block = f"upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}"
+        body = (
+            "location / { proxy_pass http://up; proxy_http_version 1.1; "
+            'proxy_set_header Connection ""; proxy_buffering on; }'
+        )
+    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    temp = " ".join(f"{kind}_temp_path {prefix}/{kind};" for kind in kinds)
+    config = f"""
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; keepalive_requests 1000000; {temp}
+  {upstream_block}
+  server {{ listen 127.0.0.1:{port} backlog=4096; {body} }}
+}}
+"""
+    path = os.path.join(prefix, "nginx.conf")
+    with open(path, "w") as handle:
+        handle.write(config)
+    with process([nginx_binary(), "-c", path, "-p", prefix, "-g", "daemon off;"], port) as proc:
+        yield proc
+
+
+def uvicorn_args(target: str, port: int, factory: bool = True) -> list[str]:
+    args = [PYTHON, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop"]
+    args += ["--http", "httptools", "--no-access-log", "--log-level", "warning", "--backlog", "4096"]
+    args += ["--no-proxy-headers", "--no-server-header", "--no-date-header"]
+    return args + (["--factory"] if factory else [])
+
+
+def granian_args(target: str, port: int) -> list[str]:
+    granian = os.path.join(os.path.dirname(PYTHON), "granian")
+    args = [granian, "--interface", "asgi", "--factory", target, "--host", "127.0.0.1", "--port", str(port)]
+    return [*args, "--loop", "uvloop", "--no-ws", "--log-level", "warning", "--backlog", "4096"]
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def wrk(url: str, duration: float, connections: int) -> WrkResult:
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "--latency", "--timeout", "10s", url]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    latency = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M)}
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx.group(1)) if non2xx else 0
+    return WrkResult(rps, latency.get("50", float("nan")), latency.get("99", float("nan")), errors)
+
+
+def _ms(text: str) -> float:
+    number, unit = re.match(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def measure(url: str, duration: float, connections: int) -> WrkResult:
+    wrk(url, 1, connections)  # warm up: pools filled, code paths hot
+    return wrk(url, duration, connections)
+
+
+async def fixed_rate(
+    port: int, path: str, rate: int, duration: float, connections: int = 32
+) -> tuple[float, float, int]:
+    """Open-loop load at `rate` req/s over keep-alive connections; (p50 ms, p99 ms, errors) from scheduled times."""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    total = int(rate * duration)
+    queue: asyncio.Queue[float | None] = asyncio.Queue()
+    latencies: list[float] = []
+    errors = 0
+
+    async def worker() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while (scheduled := await queue.get()) is not None:
+            try:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+                await reader.readexactly(length)
+                if not head.startswith(b"HTTP/1.1 2"):
+                    errors += 1
+                latencies.append((time.perf_counter() - scheduled) * 1000)
+            except (OSError, asyncio.IncompleteReadError, AttributeError):
+                errors += 1
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+
+    workers = [asyncio.create_task(worker()) for _ in range(connections)]
+    start = time.perf_counter() + 0.05
+    for index in range(total):
+        scheduled = start + index / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        queue.put_nowait(scheduled)
+    for _ in workers:
+        queue.put_nowait(None)
+    await asyncio.gather(*workers)
+    latencies.sort()
+    return latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)], errors
+
+
+def get_json(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        result: dict[str, object] = json.loads(response.read())
+        return result
+
+
+def flowgate_env(upstream: str, store: str, rules: list[dict[str, object]]) -> dict[str, str]:
+    return {"FLOWGATE_TEST_UPSTREAM": upstream, "FLOWGATE_TEST_STORE": store, "FLOWGATE_TEST_RULES": json.dumps(rules)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
+    options = parser.parse_args()
+    ensure_tools()
+    duration, conns = options.duration, options.connections
+    rows: list[tuple[str, WrkResult]] = []
+    latency_rows: list[tuple[str, float, float, int]] = []
+    flow_rows: list[str] = []
+    started = time.monotonic()
+    bench_rules: list[dict[str, object]] = [{"key": "bench", "path": "/", "parallelism": 64}]
+
+    def run(name: str, port: int) -> None:
+        result = measure(f"http://127.0.0.1:{port}/", duration, conns)
+        rows.append((name, result))
+        summary = f"{result.rps:>9.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
+        print(f"{name:<44} {summary}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="flowgate-bench-") as workdir, redis_server() as redis:
+        up_port = free_port()
+        with nginx(up_port, None, workdir):
+            upstream = f"http://127.0.0.1:{up_port}"
+            run("upstream direct (nginx static)", up_port)
+            port = free_port()
+            with nginx(port, up_port, workdir):
+                run("nginx proxy_pass, keepalive", port)
+            env = {"BENCH_UPSTREAM": upstream, "BENCH_REDIS": redis.url}
+            for name, target in [
+                ("naive Starlette + aiohttp", "benchmarks.apps:naive_aiohttp"),
+                ("naive Starlette + aiohttp + 2 Redis calls", "benchmarks.apps:naive_aiohttp_redis"),
+                ("naive Starlette + httpx", "benchmarks.apps:naive_httpx"),
+            ]:
+                port = free_port()
+                with process(uvicorn_args(target, port), port, env):
+                    run(name, port)
+            variants = [
+                ("Flowgate passthrough, uvicorn", "memory://", [], "uvicorn"),
+                ("Flowgate memory:// p=64, uvicorn", "memory://", bench_rules, "uvicorn"),
+                ("Flowgate memory:// p=64, granian", "memory://", bench_rules, "granian"),
+                ("Flowgate redis:// p=64, uvicorn", redis.url, bench_rules, "uvicorn"),
+                ("Flowgate redis:// p=64, granian", redis.url, bench_rules, "granian"),
+            ]
+            for name, store, rules, server in variants:
+                port = free_port()
+                target = "tests.gateway_app:create_app"
+                args = uvicorn_args(target, port) if server == "uvicorn" else granian_args(target, port)
+                with process(args, port, flowgate_env(upstream, store, rules)):
+                    run(name, port)
+                    if server == "uvicorn" and rules:
+                        p50, p99, errors = asyncio.run(fixed_rate(port, "/", 1000, duration))
+                        latency_rows.append((name, p50, p99, errors))
+            p50, p99, errors = asyncio.run(fixed_rate(up_port, "/", 1000, duration))
+            latency_rows.insert(0, ("upstream direct", p50, p99, errors))
+
+        rec_port = free_port()
+        with process(uvicorn_args("benchmarks.apps:recorder", rec_port), rec_port):
+            recorder_url = f"http://127.0.0.1:{rec_port}"
+            fc_rules: list[dict[str, object]] = [{"key": "fc", "path": "/", "parallelism": 8, "rate": 2000}]
+            for store_name, store in (("memory://", "memory://"), ("redis://", redis.url)):
+                port = free_port()
+                with process(uvicorn_args("tests.gateway_app:create_app", port), port,
+                             flowgate_env(recorder_url, store, fc_rules)):  # fmt: skip
+                    get_json(f"{recorder_url}/__reset")
+                    result = wrk(f"http://127.0.0.1:{port}/fc?sleep=0.002", duration, conns)
+                    stats = get_json(f"{recorder_url}/__stats?period=1&slack=0.03")
+                count, span = int(stats["count"]), float(stats["span"])  # type: ignore[arg-type]
+                achieved = count / span if span else 0.0
+                peak, in_window = int(stats["max_concurrency"]), int(stats["max_in_window"])  # type: ignore[arg-type]
+                violations = int(peak > 8) + int(in_window > 2000)
+                cells = [store_name, f"{achieved:,.0f}/s", peak, in_window, violations, f"{result.p99_ms:.1f} ms"]
+                flow_rows.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+                print(f"flow-controlled {store_name}: {achieved:.0f}/s, max in flight {peak}, max starts/1s "
+                      f"{in_window}, violations {violations}", flush=True)  # fmt: skip
+
+    elapsed = time.monotonic() - started
+    report = render(rows, latency_rows, flow_rows, duration, conns, elapsed)
+    print(report)
+    if not options.no_write:
+        with open(RESULTS, "a") as handle:
+            handle.write(report)
+        print(f"appended to {RESULTS}")
+
+
+def render(
+    rows: list[tuple[str, WrkResult]],
+    latency_rows: list[tuple[str, float, float, int]],
+    flow_rows: list[str],
+    duration: float,
+    conns: int,
+    elapsed: float,
+) -> str:
+    nginx_rps = next(result.rps for name, result in rows if name.startswith("nginx"))
+    naive_redis = next(result.rps for name, result in rows if "2 Redis" in name) or float("nan")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"\n## Proxy benchmark, {now}\n",
+        f"`python benchmarks/proxy.py`: wrk -t1 -c{conns} -d{duration:g}s on loopback, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}; upstream = one nginx worker answering `ok`; every proxy one process. "
+        f"Run took {elapsed:.0f}s.\n",
+        "| row | req/s | p50 | p99 | x nginx proxy_pass | x naive+2 Redis | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, result in rows:
+        lines.append(
+            f"| {name} | {result.rps:,.0f} | {result.p50_ms:.2f} ms | {result.p99_ms:.2f} ms | "
+            f"{result.rps / nginx_rps:.3f} | {result.rps / naive_redis:.2f} | {result.errors} |"
+        )
+    direct = latency_rows[0]
+    lines += [
+        "",
+        "Latency at a fixed 1,000 req/s (open loop, 32 keep-alive connections, measured from the scheduled send):",
+        "",
+        "| target | p50 | p99 | added p50 | added p99 | errors |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, p50, p99, errors in latency_rows:
+        added = f"{p50 - direct[1]:+.2f} ms | {p99 - direct[2]:+.2f} ms"
+        lines.append(f"| {name} | {p50:.2f} ms | {p99:.2f} ms | {added} | {errors} |")
+    lines += [
+        "",
+        "Flow-controlled (one key, parallelism 8, rate 2,000/s, upstream holds each call 2 ms; wrk -c64), "
+        "measured at the upstream (1 s windows, 30 ms slack):",
+        "",
+        "| store | achieved rate | max in flight | max starts in 1 s | violations | client p99 |",
+        "|---|---:|---:|---:|---:|---:|",
+        *flow_rows,
+        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Read an HTTP request's ASGI messages in the background, so a client that goes away is noticed at once.
+
+ASGI tells an app that its client left only through `receive()`. A request waiting for a token, or waiting for
+the upstream's answer, is not reading its body, so a background task reads for it: body chunks are queued for
+the forwarder (bounded, so a waiting upload is held back by TCP, not buffered), and `http.disconnect` cancels the
+watched task at once. Servers answer a `receive()` made after the body with `http.disconnect` when the client
+leaves (or once the response is complete: `disarm()` before the last `send` so that is not taken for one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from .types import Receive
+
+HIGH_WATER = 64 * 1024  # bytes of request body read ahead of the forwarder
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request body was fully read."""
+
+
+class RequestInbox:
+    """The request's body as `next()` chunks, plus disconnect detection that cancels `target` while armed."""
+
+    __slots__ = (
+        "_chunks",
+        "_consumer",
+        "_high_water",
+        "_producer",
+        "_queued",
+        "_receive",
+        "_target",
+        "_task",
+        "armed",
+        "body_complete",
+        "disconnected",
+        "too_large",
+    )
+
+    def __init__(self, receive: Receive, target: asyncio.Task[object] | None, high_water: int = HIGH_WATER) -> None:
+        self._receive = receive
+        self._target = target
+        self._high_water = high_water
+        self._chunks: deque[tuple[bytes, bool]] = deque()
+        self._queued = 0
+        self._consumer: asyncio.Future[None] | None = None
+        self._producer: asyncio.Future[None] | None = None
+        self.armed = target is not None
+        self.disconnected = False
+        self.body_complete = False
+        self.too_large = False
+        self._task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(self._pump())
+
+    def disarm(self) -> None:
+        """From now on a disconnect (or the server's end-of-response notice) no longer cancels the target."""
+        self.armed = False
+
+    def close(self) -> None:
+        """Disarm and stop reading."""
+        self.armed = False
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def next(self) -> tuple[bytes, bool]:
+        """The next body chunk and whether more follows; ClientDisconnected when the client left."""
+        while not self._chunks:
+            if self.disconnected or self._task is None:
+                raise ClientDisconnected("the client disconnected while sending its request body")
+            self._consumer = asyncio.get_running_loop().create_future()
+            try:
+                await self._consumer
+            finally:
+                self._consumer = None
+        chunk, more = self._chunks.popleft()
+        self._queued -= len(chunk)
+        producer = self._producer
+        if producer is not None and not producer.done() and self._queued < self._high_water:
+            producer.set_result(None)
+        return chunk, more
+
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._queued >= self._high_water:
+                self._producer = loop.create_future()
+                try:
+                    await self._producer
+                finally:
+                    self._producer = None
+            message = await self._receive()
+            if message["type"] != "http.request":
+                self.disconnected = True
+                self._wake()
+                if self.armed and self._target is not None:
+                    self._target.cancel()
+                return
+            if self.body_complete:
+                continue  # a server that repeats the end of the body; keep watching
+            chunk = message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            self._chunks.append((chunk, more))
+            self._queued += len(chunk)
+            self.body_complete = not more
+            self._wake()
+
+    def _wake(self) -> None:
+        consumer = self._consumer
+        if consumer is not None and not consumer.done():
+            consumer.set_result(None)

@@ -1,0 +1,64 @@
+"""Large bodies stream through the proxy in both directions without being buffered whole."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from tests import proxy_fixtures
+from tests.proxy_harness import gateway_processes, running_gateway
+
+upstream = proxy_fixtures.upstream
+key = proxy_fixtures.key
+Upstream = proxy_fixtures.Upstream
+
+SIZE = 50 * 1024 * 1024
+CHUNK = 64 * 1024
+
+
+async def generated(total: int, marks: dict[str, float] | None = None) -> AsyncIterator[bytes]:
+    block = b"b" * CHUNK
+    sent = 0
+    while sent < total:
+        piece = block[: min(CHUNK, total - sent)]
+        sent += len(piece)
+        yield piece
+    if marks is not None:
+        marks["sent"] = time.monotonic()
+
+
+async def test_upstream_receives_before_client_finished_sending(upstream: Upstream, key: str) -> None:
+    marks: dict[str, float] = {}
+    body = generated(8 * 1024 * 1024, marks)
+    async with (
+        running_gateway(upstream.url, max_body=SIZE) as gateway,
+        aiohttp.ClientSession() as session,
+        session.post(f"{gateway.url}/up", data=body, headers={"X-Test-Key": key}) as response,
+    ):
+        assert response.status == 200
+        seen = await response.json()
+    assert seen["body_size"] == 8 * 1024 * 1024
+    assert seen["first_byte_at"] < marks["sent"]
+
+
+async def test_50mb_both_ways_keeps_gateway_memory_bounded(upstream: Upstream, key: str) -> None:
+    env = {"FLOWGATE_TEST_MAX_BODY": str(2 * SIZE)}
+    rules = [{"key": key, "path": "/", "parallelism": 2}]
+    with gateway_processes(1, upstream.url, "memory://", rules, **env) as (gateway,):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{gateway.url}/warm") as response:
+                await response.read()
+            baseline = gateway.rss_kib()
+            async with session.post(f"{gateway.url}/up", data=generated(SIZE)) as response:
+                assert response.status == 200
+                assert (await response.json())["body_size"] == SIZE
+            received = 0
+            async with session.get(f"{gateway.url}/down?size={SIZE}") as response:
+                assert response.status == 200
+                async for chunk in response.content.iter_chunked(CHUNK):
+                    received += len(chunk)
+            assert received == SIZE
+            peak = gateway.rss_kib("VmHWM")
+    assert peak - baseline < 30 * 1024, f"gateway RSS grew by {(peak - baseline) // 1024} MiB for 50 MiB bodies"
