@@ -2,7 +2,9 @@
 
 from .engine import FlowController, Lease
 from .errors import ConfigError, DeliveryError, FlowgateError, InvalidFlowControl, Rejected, StoreUnavailable
+from .middleware import FlowControlMiddleware
 from .policy import Policy, parse_flow_control_value
+from .rules import Rule
 from .stores import Store, open_store
 
 __version__ = "0.1.0"
@@ -10,12 +12,14 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "DeliveryError",
+    "FlowControlMiddleware",
     "FlowController",
     "FlowgateError",
     "InvalidFlowControl",
     "Lease",
     "Policy",
     "Rejected",
+    "Rule",
     "Store",
     "StoreUnavailable",
     "__version__",

@@ -75,14 +75,14 @@ def parse_flow_control_value(value: str, base: Policy | None = None) -> Policy:
         if name in fields:
             raise InvalidFlowControl(f"flow-control field {name} is given twice")
         fields[name] = raw
+    changes: dict[str, object] = {}
+    if "period" in fields:  # checked first, so `period=10x` alone names its bad value
+        changes["period"] = _period(fields["period"])
     if "parallelism" not in fields and "rate" not in fields:
         raise InvalidFlowControl("flow-control value needs parallelism or rate (or both), not only period")
-    changes: dict[str, object] = {}
     for name in ("parallelism", "rate"):
         if name in fields:
             changes[name] = _positive_int(name, fields[name])
-    if "period" in fields:
-        changes["period"] = _period(fields["period"])
     return base.replace(**changes)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
-_SIZE = re.compile(r"(\d+)\s*(B|KB|KIB|MB|MIB|GB|GIB)?")
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d)")  # ASCII digits only: "²".isdigit() and "\d" match "٣"
+_SIZE = re.compile(r"([0-9]+)\s*(B|KB|KIB|MB|MIB|GB|GIB)?")
 _SIZE_UNITS = {
     "B": 1,
     "KB": 1000,
@@ -32,7 +32,7 @@ def parse_duration(text: str | int | float, field: str = "duration") -> float:
             raise ValueError(f"{field} must be a non-negative duration, got {text!r}")
         return float(text)
     raw = text.strip()
-    if raw.isdigit() and len(raw) <= _MAX_DIGITS:
+    if raw.isascii() and raw.isdigit() and len(raw) <= _MAX_DIGITS:
         return float(raw)
     pos, total, last_scale = 0, 0.0, float("inf")
     for match in _DURATION_PART.finditer(raw):

@@ -46,7 +46,8 @@ class _Key:
     starts: deque[float] = field(default_factory=deque)  # start times, oldest first (only when rate-limited)
     waiting: OrderedDict[str, _Ticket] = field(default_factory=OrderedDict)
     window_reset_at: float = float("-inf")
-    timer: asyncio.TimerHandle | None = None  # re-admits when the rate window reopens or a lease expires
+    timer: asyncio.Handle | None = None  # re-admits when the rate window reopens or a lease expires
+    timer_at: float = float("inf")  # when it fires (uvloop's handles for delays under 0.5 ms have no when())
 
     def request(self, policy: Policy) -> bool:
         """Make `policy` the requested one; True when the effective policy changed."""
@@ -207,6 +208,7 @@ class MemoryStore(Store):
             live = lease in state.leases
             if live:
                 state.leases[lease] = now + ttl
+                state.next_expiry = min(state.next_expiry, now + ttl)
             renewed.append(live)
         return renewed
 
@@ -311,6 +313,7 @@ class MemoryStore(Store):
 
     def _admit_waiting(self, key: str, state: _Key, now: float) -> None:
         """Admit head tickets while a token and a rate slot are free; wake their owners."""
+        state.trim(now)  # blocked_for trusts next_expiry, which is stale once a renewed lease passes it
         waiting = state.waiting
         admitted: list[tuple[str, str]] = []
         while waiting:
@@ -337,10 +340,11 @@ class MemoryStore(Store):
         loop = asyncio.get_running_loop()
         when = loop.time() + delay
         if state.timer is not None:
-            if state.timer.when() <= when:
+            if state.timer_at <= when:
                 return
             state.timer.cancel()
         state.timer = loop.call_at(when, self._on_timer, key)
+        state.timer_at = when
 
     def _on_timer(self, key: str) -> None:
         state = self._keys.get(key)

@@ -48,6 +48,7 @@ DEFAULT_SOCKET_TIMEOUT = 2.0
 INBOX_BLOCK = 5  # seconds one BLPOP waits before it is re-issued
 INBOX_TTL_MS = 60_000
 INDEX_KEY = "fc:keys"
+_MAX_TAKEN = 100_000
 _STATUS = {"w": "waiting", "a": "admitted", "g": "gone"}
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError)
 _T = TypeVar("_T")
@@ -112,8 +113,12 @@ class RedisStore(Store):
         )
         self._listeners: dict[str, AdmitCallback] = {}
         self._local: dict[str, _Local] = {}
+        # Tickets a pump found admitted before their wake-up came (taken over): their wake-up, if it still
+        # arrives, is a duplicate to ignore, not an abandoned admission to release. Dropped on release/cancel.
+        self._taken: set[str] = set()
         self._inbox_task: asyncio.Task[None] | None = None
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # key -> (when, handle): uvloop returns a plain Handle without when() for delays under 0.5 ms
+        self._timers: dict[str, tuple[float, asyncio.Handle]] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
@@ -179,6 +184,9 @@ class RedisStore(Store):
                 remote.append((ticket, instance))
                 continue
             local = self._local.pop(ticket, None)
+            if local is None and ticket in self._taken:
+                self._taken.discard(ticket)  # a late duplicate of a wake-up a pump already acted on
+                continue
             listener = self._listeners.get(local.owner) if local is not None else None
             if listener is None:  # its delivery is gone: do not let the token idle until expiry
                 self._spawn(self.release(key, ticket))
@@ -256,26 +264,31 @@ class RedisStore(Store):
     async def pump(self, key: str, tickets: Sequence[str] = ()) -> PumpResult:
         reply = await self._call("pump", key, [self.instance, self._pickup_ms, *tickets])
         recheck, letters = int(reply[0]), _text(reply[1])
+        self._handoffs(key, reply[2:])  # first: a ticket this very pump admitted is woken (not taken over)
         statuses: dict[str, TicketStatus] = {}
         for ticket, letter in zip(tickets, letters, strict=True):
             status: TicketStatus = _STATUS[letter]  # type: ignore[assignment]
             statuses[ticket] = status
             if status != "waiting":
                 local = self._local.pop(ticket, None)
-                if status == "admitted" and local is not None:  # a lost wake-up: take the lease over
+                if status == "admitted" and local is not None:  # a lost or late wake-up: take the lease over
+                    if len(self._taken) >= _MAX_TAKEN:
+                        self._taken.clear()  # a bound: leases released through other instances leave entries
+                    self._taken.add(ticket)
                     self._spawn(self.renew(key, [ticket], local.lease_ttl))
-        self._handoffs(key, reply[2:])
         self._arm(key, recheck)
         return PumpResult(statuses, None if recheck < 0 else recheck / 1000)
 
     async def cancel(self, key: str, ticket: str) -> bool:
         self._local.pop(ticket, None)
+        self._taken.discard(ticket)
         reply = await self._call("cancel", key, [ticket, self.instance, self._pickup_ms])
         self._handoffs(key, reply[2:])
         self._arm(key, int(reply[1]))
         return bool(reply[0])
 
     async def release(self, key: str, lease: str) -> bool:
+        self._taken.discard(lease)
         reply = await self._call("release", key, [lease, self.instance, self._pickup_ms])
         self._handoffs(key, reply[2:])
         self._arm(key, int(reply[1]))
@@ -376,7 +389,7 @@ class RedisStore(Store):
         await self._guard(self._client.ping())
 
     async def close(self) -> None:
-        for timer in self._timers.values():
+        for _, timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
         if self._inbox_task is not None:
@@ -401,10 +414,10 @@ class RedisStore(Store):
         when = loop.time() + recheck_ms / 1000
         current = self._timers.get(key)
         if current is not None:
-            if current.when() <= when:
+            if current[0] <= when:
                 return
-            current.cancel()
-        self._timers[key] = loop.call_at(when, self._on_timer, key)
+            current[1].cancel()
+        self._timers[key] = (when, loop.call_at(when, self._on_timer, key))
 
     def _on_timer(self, key: str) -> None:
         del self._timers[key]

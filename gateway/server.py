@@ -1,0 +1,472 @@
+"""Running `flowgate serve`: the proxy and the admin app in one uvloop event loop per process.
+
+- Server library: uvicorn with its httptools protocol, subclassed to enforce request-head limits (see
+  `LimitedHttpToolsProtocol`). `make_server` is the one place that picks the library; another one (granian's
+  embedded server, say) only needs `start(sock)` / `stop()` / `force()`.
+- Sockets are bound by the parent before anything else runs, so a busy port fails at once with one line.
+- `--workers N` pre-forks N processes. Each worker has its own proxy socket on the same port (SO_REUSEPORT: the
+  kernel spreads connections evenly) and all share one admin socket (any worker answers admin calls; every
+  admin route is backed by the shared store, which `--workers` > 1 requires to be Redis). A worker that dies is
+  restarted; SIGTERM/SIGINT on the parent are forwarded to every worker.
+- SIGTERM drains: /readyz turns 503, the proxy stops accepting, idle keep-alive connections close, in-flight
+  requests get `drain_timeout` to finish (then they are cancelled, which releases their leases), the controller
+  releases what it still holds, the admin port closes last (so an upstream can still report completions), exit 0.
+  A second SIGTERM/SIGINT stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import httptools
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from .admin import build_admin_app, warn_if_exposed
+from .config import Settings
+from .engine import FlowController
+from .errors import StoreUnavailable
+from .proxy import ProxyApp
+from .stores import open_store
+from .types import ASGIApp
+
+logger = logging.getLogger("flowgate")
+
+#: Request-head limits (BAD_INPUTS 5-8): answered by the server before Flowgate's app sees the request.
+MAX_TARGET = 8 * 1024  # 414
+MAX_HEADER_BYTES = 16 * 1024  # 431, counting each field as `name: value\r\n`
+MAX_HEADER_FIELDS = 100  # 431
+#: Longest a client may take to send a request head (slow-loris guard); 408 then.
+HEAD_TIMEOUT = 30.0
+#: Idle keep-alive connections close after this long. Longer than common load balancers' idle timeout (60s), so
+#: the balancer, not the gateway, closes idle connections (otherwise it may send a request on a closing one).
+PROXY_KEEP_ALIVE = 75
+ADMIN_KEEP_ALIVE = 5
+ADMIN_DRAIN_TIMEOUT = 5
+STARTUP_TIMEOUT = 30.0
+#: After refusing a request head, keep reading (and dropping) for this long before closing.
+LINGER = 2.0
+#: A worker that dies within this many seconds of its start counts as a crash loop.
+CRASH_WINDOW = 5.0
+MAX_QUICK_CRASHES = 5
+
+_TRACE = 5
+_ALLOW = b"allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n"
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, code: str, message: str, extra: bytes = b"") -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with limits on the request head.
+
+    414 for a request target over `MAX_TARGET`; 431 for a header block over `MAX_HEADER_BYTES` or with more than
+    `MAX_HEADER_FIELDS` fields; 400 for an HTTP/1.1 request without Host; 405 for CONNECT; 408 when the head takes
+    longer than `HEAD_TIMEOUT`; 400 `bad_request` for what the parser (llhttp) refuses: header values with CR, LF
+    or NUL, Content-Length together with Transfer-Encoding, repeated or malformed Content-Length, bad chunk
+    framing. Each answer is JSON `{"error", "message"}` and closes the connection.
+    """
+
+    max_target = MAX_TARGET
+    max_header_bytes = MAX_HEADER_BYTES
+    max_header_fields = MAX_HEADER_FIELDS
+    head_timeout = HEAD_TIMEOUT
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes = 0
+        self._head_fields = 0
+        self._reading_head = False
+        self._pending = 0  # bytes received for a head that is still incomplete
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._discarding = False  # refused: what the client still sends is dropped until the connection closes
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        self._unset_keepalive_if_required()
+        continuing = self._reading_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            refusal = exc.__context__
+            if not isinstance(refusal, _Refusal):
+                self.logger.debug("invalid HTTP request: %s", exc)
+                refusal = _Refusal(400, "bad_request", "the request is not valid HTTP/1.1")
+            self._refuse(refusal)
+            return
+        if self._reading_head and continuing:
+            # The parser buffers a header until it ends: bound what an unfinished head may pile up.
+            self._pending += len(data)
+            if self._pending > self.max_target + self.max_header_bytes + 1024:
+                self._refuse(_Refusal(431, "headers_too_large", "the request head is too large"))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = self._head_fields = self._pending = 0
+        self._reading_head = True
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > self.max_target:
+            raise _Refusal(414, "uri_too_long", f"the request target is longer than {self.max_target} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_fields += 1
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_fields > self.max_header_fields:
+            raise _Refusal(431, "headers_too_large", f"the request has more than {self.max_header_fields} headers")
+        if self._head_bytes > self.max_header_bytes:
+            raise _Refusal(431, "headers_too_large", f"the request headers exceed {self.max_header_bytes} bytes")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._disarm_head_timer()
+        if self.parser.get_method() == b"CONNECT":
+            raise _Refusal(405, "method_not_allowed", "CONNECT is not supported by this reverse proxy", _ALLOW)
+        if self.parser.get_http_version() == "1.1" and not any(name == b"host" for name, _ in self.headers):
+            raise _Refusal(400, "missing_host", "an HTTP/1.1 request needs a Host header")
+        super().on_headers_complete()
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout, self._on_head_timeout)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _on_head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete and not self._reading_head:
+            self._arm_head_timer()  # a response is still being sent; the next head has not begun
+            return
+        self._refuse(_Refusal(408, "request_timeout", f"the request head did not arrive within {self.head_timeout:g}s"))
+
+    def _refuse(self, refusal: _Refusal) -> None:
+        self._disarm_head_timer()
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # a response is on its way: an answer now would corrupt it
+            return
+        body = json.dumps({"error": refusal.code, "message": refusal.message}).encode()
+        head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n%s\r\n" % (
+            len(body),
+            refusal.extra,
+        )
+        self.transport.write(STATUS_LINE[refusal.status] + head + body)
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # Lingering close: closing while the client still sends would reset the connection, and a reset can
+        # destroy the answer in the client's buffer. Half-close, discard what still comes, close a bit later.
+        self.transport.write_eof()
+        self._discarding = True
+        self.loop.call_later(LINGER, self.transport.close)
+
+
+# -- server handles -------------------------------------------------------------------------------------------------
+
+
+class ServerHandle(Protocol):
+    """What `run_worker` needs of a server library."""
+
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on `sock` (bound and listening); return once it accepts connections."""
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), run the app's shutdown."""
+
+    def force(self) -> None:
+        """Make a running `stop` give up waiting."""
+
+
+class _UvicornServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # flowgate handles signals itself (uvicorn would re-raise SIGTERM after shutdown: exit -15)
+
+
+class UvicornHandle:
+    def __init__(self, config: uvicorn.Config) -> None:
+        self.server = _UvicornServer(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve(sock))
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError("the server did not start")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start within {STARTUP_TIMEOUT:g}s")
+            await asyncio.sleep(0.01)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        try:
+            await self.server.serve(sockets=[sock])
+        except SystemExit as exc:  # uvicorn's answer to a failed app startup; it would escape the event loop
+            raise RuntimeError(f"the server did not start (the app's startup failed, code {exc.code})") from None
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            await self._task
+
+    def force(self) -> None:
+        self.server.force_exit = True
+
+
+def make_server(app: ASGIApp, settings: Settings, role: str) -> ServerHandle:
+    """The server for `app` (`role` "proxy" or "admin"). The one place that picks the server library."""
+    proxy = role == "proxy"
+    config = uvicorn.Config(
+        app,
+        loop="none",  # the loop is ours (uvloop, see run)
+        http=LimitedHttpToolsProtocol,
+        ws="none",  # no WebSockets: an Upgrade request reaches the proxy as plain HTTP, which answers 501
+        lifespan="on" if proxy else "off",
+        interface="asgi3",
+        log_config=None,
+        log_level=_log_level(settings.log_level),
+        access_log=settings.access_log,
+        proxy_headers=False,  # X-Forwarded-For is the router's business (trusted_proxies), not uvicorn's
+        server_header=False,  # the upstream's Server and Date headers pass through unchanged
+        date_header=not proxy,
+        timeout_keep_alive=PROXY_KEEP_ALIVE if proxy else ADMIN_KEEP_ALIVE,
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout) if proxy else ADMIN_DRAIN_TIMEOUT,
+        h11_max_incomplete_event_size=MAX_TARGET + MAX_HEADER_BYTES,  # should h11 ever be picked
+    )
+    return UvicornHandle(config)
+
+
+def _log_level(name: str) -> int:
+    return _TRACE if name == "trace" else logging.getLevelNamesMapping()[name.upper()]
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.addLevelName(_TRACE, "TRACE")
+    logging.basicConfig(
+        level=_log_level(settings.log_level),
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+# -- one worker -----------------------------------------------------------------------------------------------------
+
+
+async def run_worker(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; return the exit code."""
+    assert settings.upstream is not None
+    loop = asyncio.get_running_loop()
+    store = open_store(settings.store)
+    controller = FlowController(store, lease_ttl=settings.lease_ttl)
+    proxy_app = ProxyApp(
+        upstream=settings.upstream,
+        controller=controller,
+        router=settings.router(),
+        upstream_timeout=settings.upstream_timeout,
+        max_body=settings.max_body,
+    )
+    admin_app = build_admin_app(controller, settings)
+    proxy = make_server(proxy_app, settings, "proxy")
+    admin = make_server(admin_app, settings, "admin")
+
+    stopping = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            logger.warning("second %s: stopping without waiting", signal.Signals(signum).name)
+            proxy.force()
+            admin.force()
+        else:
+            logger.info("%s: draining (up to %gs)", signal.Signals(signum).name, settings.drain_timeout)
+            stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        try:
+            await store.ping()
+        except StoreUnavailable as exc:
+            logger.warning("the store %s is unreachable (%s); /readyz answers 503 until it is", settings.store_uri, exc)
+        try:
+            await admin.start(admin_sock)
+        except RuntimeError as exc:
+            logger.error("admin port: %s", exc)
+            return 1
+        try:
+            await proxy.start(proxy_sock)
+        except RuntimeError as exc:
+            logger.error("proxy: %s", exc)
+            await admin.stop()
+            return 1
+        logger.info(
+            "flowgate serving http://%s:%d -> %s (store %s, admin %s:%d)",
+            settings.host,
+            settings.port,
+            settings.upstream,
+            settings.store_uri,
+            settings.admin_host,
+            settings.admin_port,
+        )
+        await stopping.wait()
+        admin_app.state.draining = True
+        await proxy.stop()
+        with contextlib.suppress(StoreUnavailable):
+            await controller.close()
+        await admin.stop()
+        return 0
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await store.close()
+
+
+def _run_loop(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket) -> int:
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(run_worker(settings, proxy_sock, admin_sock))
+
+
+# -- sockets and processes ------------------------------------------------------------------------------------------
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; OSError when the address is taken or unknown."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(settings: Settings) -> int:
+    """Bind, run one worker here or fork `settings.workers`, and return the exit code."""
+    configure_logging(settings)
+    warn_if_exposed(settings)
+    workers = settings.workers
+    try:
+        admin_sock = bind_socket(settings.admin_host, settings.admin_port)
+        proxy_socks = [bind_socket(settings.host, settings.port, reuse_port=workers > 1) for _ in range(workers)]
+    except OSError as exc:
+        print(f"flowgate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if workers == 1:
+        return _run_loop(settings, proxy_socks[0], admin_sock)
+    return _supervise(settings, proxy_socks, admin_sock)
+
+
+def _supervise(settings: Settings, proxy_socks: list[socket.socket], admin_sock: socket.socket) -> int:
+    children: dict[int, int] = {}  # pid -> worker index
+    started: dict[int, float] = {}
+    stopping = False
+    failed = False
+    quick_crashes = 0
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                for other, sock in enumerate(proxy_socks):
+                    if other != index:
+                        sock.close()
+                code = _run_loop(settings, proxy_socks[index], admin_sock)
+            except BaseException:
+                logger.exception("worker %d failed", index + 1)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = index
+        started[pid] = time.monotonic()
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for index in range(len(proxy_socks)):
+        spawn(index)
+    logger.info("started %d workers", len(proxy_socks))
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            failed = failed or code != 0
+            continue
+        lived = time.monotonic() - started.pop(pid)
+        quick_crashes = quick_crashes + 1 if lived < CRASH_WINDOW else 0
+        if quick_crashes >= MAX_QUICK_CRASHES:
+            logger.error("workers keep dying at start (last exit code %d); stopping", code)
+            failed = True
+            forward(signal.SIGTERM, None)
+            continue
+        logger.error("worker %d exited with code %d; restarting it", index + 1, code)
+        time.sleep(min(1.0, 0.1 * 2**quick_crashes))
+        if not stopping:
+            spawn(index)
+    return 1 if failed else 0
