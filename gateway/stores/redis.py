@@ -394,16 +394,19 @@ class RedisStore(Store):
         self._timers.clear()
         if self._inbox_task is not None:
             self._inbox_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._inbox_task
+        if self._inbox_client is not None:
+            # redis-py's cluster client may sit out a cancelled BLPOP: closing its connection ends it at once
+            with contextlib.suppress(*_UNAVAILABLE):
+                await self._inbox_client.aclose()
+            self._inbox_client = None
+        if self._inbox_task is not None:
+            await asyncio.wait({self._inbox_task}, timeout=1.0)
             self._inbox_task = None
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._batcher.drain()
-        for client in (self._inbox_client, self._client):
-            if client is not None:
-                with contextlib.suppress(*_UNAVAILABLE):
-                    await client.aclose()
+        with contextlib.suppress(*_UNAVAILABLE):
+            await self._client.aclose()
         self._listeners.clear()
 
     def _arm(self, key: str, recheck_ms: int) -> None:
