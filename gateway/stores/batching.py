@@ -17,7 +17,7 @@ from redis.commands.core import AsyncScript
 
 from .scripts import KEYS_PER_OP
 
-_Call = tuple[str, list[str], Sequence[Any], "asyncio.Future[Any]"]
+_Call = tuple[str, Sequence[str], Sequence[Any], "asyncio.Future[Any]"]
 
 
 class ScriptBatcher:
@@ -36,7 +36,7 @@ class ScriptBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self.round_trips = 0  # script calls sent, for tests and benchmarks
 
-    def call(self, name: str, keys: list[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+    def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._pending:

@@ -15,6 +15,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, TypeVar
 
 import hiredis
@@ -71,10 +72,11 @@ class _SSLConnection(_Connection, aioredis.SSLConnection):
     pass
 
 
-def key_names(key: str) -> list[str]:
+@lru_cache(maxsize=4096)  # hot keys are few; building five names costs more than the lookup
+def key_names(key: str) -> tuple[str, ...]:
     """The five Redis keys of one flow key, under one hash tag (braces in the key are escaped)."""
     tag = key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-    return [f"fc:{{{tag}}}:{suffix}" for suffix in ("p", "l", "s", "w", "t")]
+    return tuple(f"fc:{{{tag}}}:{suffix}" for suffix in ("p", "l", "s", "w", "t"))
 
 
 @dataclass(slots=True)
@@ -452,14 +454,15 @@ class RedisClusterStore(RedisStore):
         )
 
 
-def _policy_args(policy: Policy) -> list[str]:
-    return [
+@lru_cache(maxsize=1024)  # rules and header policies repeat: Policy is frozen and hashable
+def _policy_args(policy: Policy) -> tuple[str, ...]:
+    return (
         "-1" if policy.parallelism is None else str(policy.parallelism),
         "-1" if policy.rate is None else str(policy.rate),
         str(policy.period_ms),
         str(policy.max_waiting),
         str(round(policy.max_wait * 1000)),
-    ]
+    )
 
 
 def _text(value: Any) -> str:
