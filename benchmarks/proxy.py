@@ -214,8 +214,13 @@ def get_json(url: str) -> dict[str, object]:
         return result
 
 
-def flowgate_env(upstream: str, store: str, rules: list[dict[str, object]]) -> dict[str, str]:
-    return {"FLOWGATE_TEST_UPSTREAM": upstream, "FLOWGATE_TEST_STORE": store, "FLOWGATE_TEST_RULES": json.dumps(rules)}
+def flowgate_env(upstream: str, store: str, rules: list[dict[str, object]], client: str = "lean") -> dict[str, str]:
+    return {
+        "FLOWGATE_TEST_UPSTREAM": upstream,
+        "FLOWGATE_TEST_STORE": store,
+        "FLOWGATE_TEST_RULES": json.dumps(rules),
+        "FLOWGATE_TEST_UPSTREAM_CLIENT": client,
+    }
 
 
 def main() -> None:
@@ -236,7 +241,7 @@ def main() -> None:
         result = measure(f"http://127.0.0.1:{port}/", duration, conns)
         rows.append((name, result))
         summary = f"{result.rps:>9.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
-        print(f"{name:<44} {summary}", flush=True)
+        print(f"{name:<52} {summary}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="flowgate-bench-") as workdir, redis_server() as redis:
         up_port = free_port()
@@ -256,19 +261,21 @@ def main() -> None:
                 with process(uvicorn_args(target, port), port, env):
                     run(name, port)
             variants = [
-                ("Flowgate passthrough, uvicorn", "memory://", [], "uvicorn"),
-                ("Flowgate memory:// p=64, uvicorn", "memory://", bench_rules, "uvicorn"),
-                ("Flowgate memory:// p=64, granian", "memory://", bench_rules, "granian"),
-                ("Flowgate redis:// p=64, uvicorn", redis.url, bench_rules, "uvicorn"),
-                ("Flowgate redis:// p=64, granian", redis.url, bench_rules, "granian"),
+                ("Flowgate passthrough, uvicorn, lean client", "memory://", [], "uvicorn", "lean"),
+                ("Flowgate memory:// p=64, uvicorn, aiohttp client", "memory://", bench_rules, "uvicorn", "aiohttp"),
+                ("Flowgate memory:// p=64, uvicorn, lean client", "memory://", bench_rules, "uvicorn", "lean"),
+                ("Flowgate memory:// p=64, granian, lean client", "memory://", bench_rules, "granian", "lean"),
+                ("Flowgate redis:// p=64, uvicorn, aiohttp client", redis.url, bench_rules, "uvicorn", "aiohttp"),
+                ("Flowgate redis:// p=64, uvicorn, lean client", redis.url, bench_rules, "uvicorn", "lean"),
+                ("Flowgate redis:// p=64, granian, lean client", redis.url, bench_rules, "granian", "lean"),
             ]
-            for name, store, rules, server in variants:
+            for name, store, rules, server, client in variants:
                 port = free_port()
                 target = "tests.gateway_app:create_app"
                 args = uvicorn_args(target, port) if server == "uvicorn" else granian_args(target, port)
-                with process(args, port, flowgate_env(upstream, store, rules)):
+                with process(args, port, flowgate_env(upstream, store, rules, client)):
                     run(name, port)
-                    if server == "uvicorn" and rules:
+                    if server == "uvicorn" and rules and client == "lean":
                         p50, p99, errors = asyncio.run(fixed_rate(port, "/", 1000, duration))
                         latency_rows.append((name, p50, p99, errors))
             p50, p99, errors = asyncio.run(fixed_rate(up_port, "/", 1000, duration))

@@ -2,6 +2,7 @@
 
 from .engine import FlowController, Lease
 from .errors import ConfigError, DeliveryError, FlowgateError, InvalidFlowControl, Rejected, StoreUnavailable
+from .metrics import Metrics
 from .middleware import FlowControlMiddleware
 from .policy import Policy, parse_flow_control_value
 from .rules import Rule
@@ -17,6 +18,7 @@ __all__ = [
     "FlowgateError",
     "InvalidFlowControl",
     "Lease",
+    "Metrics",
     "Policy",
     "Rejected",
     "Rule",

@@ -1,14 +1,18 @@
-"""The admin port: liveness, readiness and completion reporting, as a small Starlette app (not the hot path).
+"""The admin port: health, completion reporting, the flow-control API, metrics and the dashboard (Starlette).
 
     GET  /healthz                          200 while the process serves (never needs the token)
     GET  /readyz                           200 when the store answers; 503 when it does not or while draining
     POST /v2/leases/{lease}/release        200 {"released": true}; 404 unknown or already released; 400 malformed
     POST /v2/leases/{lease}/extend?ttl=s   200 {"extended": true, "ttl": s}; 404 unknown; 400 bad lease or ttl
+    /v2/flowControl…, /v2/globalParallelism   QStash's flow-control API (see flow_api)
+    GET  /metrics                          Prometheus text format (when built with `metrics`)
+    GET  /dashboard                        the live page (static HTML: served without the token; its API calls
+                                           carry the token the operator types in)
 
-With a token configured every route but /healthz needs `Authorization: Bearer <token>`. Every error is JSON
-`{"error", "message"}`, including unknown routes (404) and wrong methods (405). Later routes (the /v2/flowControl
-API, /metrics, /dashboard) come in through `extra_routes`; their handlers find the controller and the settings on
-`request.app.state` and may raise any DeliveryError (answered with its status and code).
+With a token configured every route but /healthz and /dashboard needs `Authorization: Bearer <token>`. Every error
+is JSON `{"error", "message"}`, including unknown routes (404) and wrong methods (405). More routes can come in
+through `extra_routes`; their handlers find the controller and the settings on `request.app.state` and may raise any
+DeliveryError (answered with its status and code).
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .config import Settings
+from .dashboard import dashboard
 from .engine import FlowController, Lease
 from .errors import DeliveryError, InvalidFlowControl, StoreUnavailable
+from .flow_api import flow_control_routes
+from .metrics import CONTENT_TYPE, Metrics
 from .types import ASGIApp, Receive, Scope, Send
 from .units import parse_duration
 
@@ -37,7 +44,8 @@ logger = logging.getLogger("flowgate.admin")
 #: Longest /readyz waits for the store before answering 503.
 READY_TIMEOUT = 2.0
 MAX_LEASE_EXTENSION = 86400.0
-OPEN_PATHS = frozenset({"/healthz"})
+#: Served without the token: liveness probes, and the dashboard's static page (it holds no data itself).
+OPEN_PATHS = frozenset({"/healthz", "/dashboard"})
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
 
@@ -52,14 +60,19 @@ def build_admin_app(
     settings: Settings | None = None,
     *,
     extra_routes: Sequence[BaseRoute] = (),
+    metrics: Metrics | None = None,
 ) -> Starlette:
-    """The admin ASGI app over `controller`; `settings.admin_token` (if set) guards every route but /healthz."""
+    """The admin ASGI app over `controller`; `settings.admin_token` (if set) guards every route but `OPEN_PATHS`.
+    `/metrics` serves `metrics` (404 without)."""
     settings = settings or Settings()
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_text, methods=["GET"]),
+        Route("/dashboard", dashboard, methods=["GET"]),
         Route("/v2/leases/{lease}/release", release_lease, methods=["POST"]),
         Route("/v2/leases/{lease}/extend", extend_lease, methods=["POST"]),
+        *flow_control_routes(),
         *extra_routes,
     ]
     app = Starlette(
@@ -73,6 +86,7 @@ def build_admin_app(
     )
     app.state.controller = controller
     app.state.settings = settings
+    app.state.metrics = metrics
     app.state.draining = False  # set by `flowgate serve` on SIGTERM: /readyz then answers 503
     return app
 
@@ -155,6 +169,13 @@ async def readyz(request: Request) -> Response:
         reason = exc.message if isinstance(exc, StoreUnavailable) else f"no answer within {READY_TIMEOUT:g}s"
         return error_response(503, "store_unavailable", f"the store cannot be reached: {reason}", {"Retry-After": "1"})
     return JSONResponse({"status": "ready"})
+
+
+async def metrics_text(request: Request) -> Response:
+    metrics: Metrics | None = request.app.state.metrics
+    if metrics is None:
+        return error_response(404, "not_found", "this admin app was built without metrics")
+    return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 
 async def release_lease(request: Request) -> Response:

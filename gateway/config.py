@@ -23,6 +23,7 @@ from .policy import MAX_PERIOD, Policy, parse_rate
 from .rules import Router, Rule
 from .stores import StoreURI, parse_store_uri
 from .units import parse_duration, parse_size
+from .upstream import KINDS
 
 #: Without a store URI the gateway keeps flow-control state in its own memory (one process).
 DEFAULT_STORE = "memory://"
@@ -37,10 +38,25 @@ DEFAULT_WORKERS = 1
 MAX_WORKERS = 256
 DEFAULT_LOG_LEVEL = "info"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+#: `text` (one readable line per event) or `json` (one JSON object per line, for log shippers).
+DEFAULT_LOG_FORMAT = "text"
+LOG_FORMATS = ("text", "json")
+#: The proxy's upstream HTTP client: "lean" (HTTP/1.1 on asyncio protocols, ~6x aiohttp; http:// only),
+#: "aiohttp", or "auto" (lean for http://, aiohttp for https://). See benchmarks/RESULTS.md.
+DEFAULT_UPSTREAM_CLIENT = "auto"
+UPSTREAM_CLIENTS = KINDS
 #: Longest the upstream may take to answer (headers) and the longest stall while streaming its body.
 DEFAULT_UPSTREAM_TIMEOUT = 60.0
 #: Largest request body forwarded ("10MB", decimal megabytes as in units.parse_size).
 DEFAULT_MAX_BODY = 10_000_000
+#: Live flow-control keys one store tracks; a new key beyond it is refused with 429 too_many_keys (approximate on
+#: Redis: see docs/engine.md). Idle keys expire and stop counting.
+DEFAULT_MAX_KEYS = 100_000
+#: Longest a client may take to send a request head (slow-loris guard; 408 request_timeout, connection closed).
+DEFAULT_HEADER_TIMEOUT = 10.0
+#: Longest the proxy waits, summed over a request body, for the client's bytes (408 body_timeout); time the
+#: request spends waiting for a token does not count.
+DEFAULT_BODY_TIMEOUT = 60.0
 #: A lease not renewed for this long is reclaimed (see engine.FlowController).
 DEFAULT_LEASE_TTL_SECONDS = DEFAULT_LEASE_TTL
 MIN_LEASE_TTL = 1.0
@@ -88,9 +104,14 @@ class Settings:
     admin_token: str | None = None
     workers: int = DEFAULT_WORKERS
     log_level: str = DEFAULT_LOG_LEVEL
+    log_format: str = DEFAULT_LOG_FORMAT
     access_log: bool = DEFAULT_ACCESS_LOG
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    upstream_client: str = DEFAULT_UPSTREAM_CLIENT
     max_body: int = DEFAULT_MAX_BODY
+    max_keys: int = DEFAULT_MAX_KEYS
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
     lease_ttl: float = DEFAULT_LEASE_TTL_SECONDS
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     trust_policy_headers: bool = DEFAULT_TRUST_POLICY_HEADERS
@@ -252,6 +273,20 @@ def _log_level(value: object, name: str) -> str:
     return level
 
 
+def _log_format(value: object, name: str) -> str:
+    text = _text(value, name).strip().lower()
+    if text not in LOG_FORMATS:
+        raise ValueError(f'{name} must be one of {", ".join(LOG_FORMATS)}, got "{value}"')
+    return text
+
+
+def _upstream_client(value: object, name: str) -> str:
+    text = _text(value, name).strip().lower()
+    if text not in UPSTREAM_CLIENTS:
+        raise ValueError(f'{name} must be one of {", ".join(UPSTREAM_CLIENTS)}, got "{value}"')
+    return text
+
+
 def _proxies(value: object, name: str, from_text: bool) -> tuple[str, ...]:
     if from_text and isinstance(value, str):
         items: list[object] = [item for item in value.split(",") if item.strip()]
@@ -286,9 +321,14 @@ _TOP: dict[str, Parser] = {
     "admin_token": lambda v, n, t: _token(v, n),
     "workers": lambda v, n, t: _integer(v, n, 1, MAX_WORKERS, t),
     "log_level": lambda v, n, t: _log_level(v, n),
+    "log_format": lambda v, n, t: _log_format(v, n),
     "access_log": lambda v, n, t: _boolean(v, n, t),
     "upstream_timeout": lambda v, n, t: _duration(v, n, 0, MAX_TIMEOUT),
+    "upstream_client": lambda v, n, t: _upstream_client(v, n),
     "max_body": lambda v, n, t: _size(v, n),
+    "max_keys": lambda v, n, t: _integer(v, n, 1, 10**9, t),
+    "header_timeout": lambda v, n, t: _duration(v, n, 0, MAX_TIMEOUT),
+    "body_timeout": lambda v, n, t: _duration(v, n, 0, MAX_TIMEOUT),
     "lease_ttl": lambda v, n, t: _duration(v, n, MIN_LEASE_TTL, MAX_TIMEOUT, low_inclusive=True),
     "drain_timeout": lambda v, n, t: _duration(v, n, 0, MAX_TIMEOUT, low_inclusive=True),
     "trust_policy_headers": lambda v, n, t: _boolean(v, n, t),
@@ -616,6 +656,13 @@ def _cross_checks(values: dict[str, Any], origin: dict[str, str], problems: list
                 "so each worker would enforce the limits on its own; use --store redis://… or run one worker",
             )
         )
+    if settings.upstream_client == "lean" and (settings.upstream or "").startswith("https:"):
+        problems.append(
+            Problem(
+                origin.get("upstream_client", "upstream_client"),
+                'upstream_client = "lean" speaks plain http:// only; use "aiohttp" or "auto" for an https:// upstream',
+            )
+        )
     if settings.port == settings.admin_port and _same_interface(settings.host, settings.admin_host):
         problems.append(
             Problem(
@@ -634,5 +681,5 @@ def _same_interface(first: str, second: str) -> bool:
 def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
     """`FLOWGATE_*` variables that set nothing (probably typos), for a warning at start."""
     environ = os.environ if environ is None else environ
-    known = {*ENV_VARS.values(), CONFIG_ENV}
+    known = {*ENV_VARS.values(), CONFIG_ENV, "FLOWGATE_ADMIN_URL"}  # the last one: `flowgate status`
     return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)

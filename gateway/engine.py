@@ -15,7 +15,7 @@ import binascii
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from .errors import InvalidFlowControl, Rejected, StoreUnavailable
@@ -24,6 +24,10 @@ from .stores.base import Admitted, Refused, Store
 
 DEFAULT_LEASE_TTL = 60.0
 DEFAULT_SAFETY_INTERVAL = 5.0
+RETRY_FIRST = 0.5  # seconds before a failed release or withdrawal is tried again (doubling, up to RETRY_MAX)
+RETRY_MAX = 5.0
+
+_Freeing = Callable[[str, str], Awaitable[object]]  # store.release or store.cancel
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,7 @@ class FlowController:
         self._held: dict[str, str] = {}  # lease id -> key, renewed while held
         self._renewer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[object]] = set()
+        self._retries: set[asyncio.Task[None]] = set()  # releases and withdrawals waiting for the store
         store.subscribe(self.owner, self._on_admit)
 
     def __repr__(self) -> str:
@@ -140,14 +145,20 @@ class FlowController:
         return self._hold(key, ticket, started)
 
     async def release(self, lease: Lease) -> bool:
-        """Free the token (it goes to the next waiter at once); False if the lease was unknown or expired."""
+        """Free the token (it goes to the next waiter at once); False if the lease was unknown or expired.
+
+        StoreUnavailable when the store is down: the release is then retried in the background."""
         self._held.pop(lease.id, None)
-        return await self.store.release(lease.key, lease.id)
+        try:
+            return await self.store.release(lease.key, lease.id)
+        except StoreUnavailable:
+            self._retry(self.store.release, lease.key, lease.id)
+            raise
 
     def release_soon(self, lease: Lease) -> None:
         """Release in the background (for paths that cannot await, such as a cancelled task)."""
         self._held.pop(lease.id, None)
-        self._spawn(self.store.release(lease.key, lease.id))
+        self._spawn(self._free(self.store.release, lease.key, lease.id))
 
     def detach(self, lease: Lease) -> None:
         """Stop renewing `lease`: its holder reports completion later or lets it expire after lease_ttl."""
@@ -184,6 +195,8 @@ class FlowController:
         if self._renewer is not None:
             self._renewer.cancel()
             self._renewer = None
+        for task in self._retries:
+            task.cancel()
         held, self._held = list(self._held.items()), {}
         with contextlib.suppress(StoreUnavailable):
             await asyncio.gather(*(self.store.release(key, lease) for lease, key in held))
@@ -194,9 +207,11 @@ class FlowController:
     # -- admission callbacks and timers ------------------------------------------------------------------------
 
     def _on_admit(self, key: str, ticket: str) -> None:
+        if ticket in self._held:
+            return  # a second wake-up for a lease we already hold (the safety re-check found it first)
         if ticket not in self._waiters:
             # Its delivery is gone (timed out or cancelled while the admission was on its way): free the token.
-            self._spawn(self.store.release(key, ticket))
+            self._spawn(self._free(self.store.release, key, ticket))
             return
         future = self._waiters[ticket]
         if future is None:
@@ -231,9 +246,9 @@ class FlowController:
                 continue
             if status == "admitted":
                 future.set_result(None)
-            elif status == "gone":
+            elif status == "gone":  # not withdrawn by us, not admitted: the store lost it (a restart, a failover)
                 future.set_exception(
-                    Rejected("wait_timeout", f"the ticket of key {key!r} left the waitlist unadmitted", 1.0)
+                    StoreUnavailable(f"the store lost the waiting request's ticket of key {key!r}; try again")
                 )
         if self._waiting_by_key.get(key):
             self._schedule(key)
@@ -272,8 +287,37 @@ class FlowController:
                     timer.cancel()
 
     async def _cancel(self, key: str, ticket: str) -> None:
-        with contextlib.suppress(StoreUnavailable):
+        try:
             await asyncio.shield(self.store.cancel(key, ticket))
+        except StoreUnavailable:
+            self._retry(self.store.cancel, key, ticket)
+
+    async def _free(self, operation: _Freeing, key: str, id_: str) -> None:
+        try:
+            await operation(key, id_)
+        except StoreUnavailable:
+            self._retry(operation, key, id_)
+
+    def _retry(self, operation: _Freeing, key: str, id_: str) -> None:
+        """A release or withdrawal the store could not take (down or frozen) is tried again, with backoff, until
+        it goes through or `lease_ttl` has passed (what it frees has expired by then). Found by the Redis freeze
+        test: a release sent while Redis is frozen may never reach it (redis-py's connection set-up times out
+        first), and a frozen Redis that resumes still runs the `enter` of a request that was answered 503
+        meanwhile; without the retry, those tokens stayed taken for a whole `lease_ttl`."""
+        task = asyncio.get_running_loop().create_task(self._retrying(operation, key, id_))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _retrying(self, operation: _Freeing, key: str, id_: str) -> None:
+        deadline = time.monotonic() + self.lease_ttl
+        delay = RETRY_FIRST
+        while time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            try:
+                await operation(key, id_)
+                return
+            except StoreUnavailable:
+                delay = min(delay * 2, RETRY_MAX)
 
     def _withdraw(self, key: str, ticket: str) -> None:
         self._spawn(self._cancel(key, ticket))

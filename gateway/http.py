@@ -42,6 +42,13 @@ class MethodNotAllowed(DeliveryError):
     code = "method_not_allowed"
 
 
+class BodyTimeout(DeliveryError):
+    """408 body_timeout: the client kept the gateway waiting for its request body longer than `body_timeout`."""
+
+    status = 408
+    code = "body_timeout"
+
+
 class NotImplementedUpgrade(DeliveryError):
     """501 not_implemented: protocol upgrades such as WebSocket are not proxied."""
 

@@ -5,6 +5,11 @@ the upstream's answer, is not reading its body, so a background task reads for i
 the forwarder (bounded, so a waiting upload is held back by TCP, not buffered), and `http.disconnect` cancels the
 watched task at once. Servers answer a `receive()` made after the body with `http.disconnect` when the client
 leaves (or once the response is complete: `disarm()` before the last `send` so that is not taken for one).
+
+Body deadline: `body_timeout` bounds the time `next()` spends waiting for the client's bytes, summed over the
+whole body (a client trickling a byte at a time cannot hold a connection and a token for long); time spent
+before the forwarder asks for the body (waiting for a token) does not count. Past it, `next()` raises
+BodyTimeout (408) and `timed_out` is set.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+from .http import BodyTimeout
 from .types import Receive
 
 HIGH_WATER = 64 * 1024  # bytes of request body read ahead of the forwarder
@@ -25,6 +31,7 @@ class RequestInbox:
     """The request's body as `next()` chunks, plus disconnect detection that cancels `target` while armed."""
 
     __slots__ = (
+        "_allowance",
         "_chunks",
         "_consumer",
         "_high_water",
@@ -35,12 +42,22 @@ class RequestInbox:
         "_task",
         "armed",
         "body_complete",
+        "body_timeout",
         "disconnected",
+        "timed_out",
         "too_large",
     )
 
-    def __init__(self, receive: Receive, target: asyncio.Task[object] | None, high_water: int = HIGH_WATER) -> None:
+    def __init__(
+        self,
+        receive: Receive,
+        target: asyncio.Task[object] | None,
+        high_water: int = HIGH_WATER,
+        body_timeout: float | None = None,
+    ) -> None:
         self._receive = receive
+        self.body_timeout = body_timeout
+        self._allowance = body_timeout  # seconds of waiting for the client left
         self._target = target
         self._high_water = high_water
         self._chunks: deque[tuple[bytes, bool]] = deque()
@@ -51,6 +68,7 @@ class RequestInbox:
         self.disconnected = False
         self.body_complete = False
         self.too_large = False
+        self.timed_out = False
         self._task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(self._pump())
 
     def disarm(self) -> None:
@@ -69,17 +87,34 @@ class RequestInbox:
         while not self._chunks:
             if self.disconnected or self._task is None:
                 raise ClientDisconnected("the client disconnected while sending its request body")
-            self._consumer = asyncio.get_running_loop().create_future()
-            try:
-                await self._consumer
-            finally:
-                self._consumer = None
+            if self._allowance is not None and self._allowance < 0.001:
+                self.timed_out = True
+                raise BodyTimeout(f"the request body did not arrive within {self.body_timeout:g}s")
+            await self._wait_for_client()
         chunk, more = self._chunks.popleft()
         self._queued -= len(chunk)
         producer = self._producer
         if producer is not None and not producer.done() and self._queued < self._high_water:
             producer.set_result(None)
         return chunk, more
+
+    async def _wait_for_client(self) -> None:
+        loop = asyncio.get_running_loop()
+        consumer = self._consumer = loop.create_future()
+        if self._allowance is None:
+            try:
+                await consumer
+            finally:
+                self._consumer = None
+            return
+        started = loop.time()
+        timer = loop.call_later(self._allowance, _wake, consumer)
+        try:
+            await consumer
+        finally:
+            self._consumer = None
+            timer.cancel()
+            self._allowance -= loop.time() - started
 
     async def _pump(self) -> None:
         loop = asyncio.get_running_loop()
@@ -110,3 +145,8 @@ class RequestInbox:
         consumer = self._consumer
         if consumer is not None and not consumer.done():
             consumer.set_result(None)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -22,6 +22,7 @@ from .engine import FlowController, Lease
 from .errors import ConfigError, DeliveryError, InvalidFlowControl
 from .http import send_error
 from .inbox import ClientDisconnected, RequestInbox
+from .metrics import DeliveryObserver, Metrics
 from .policy import Policy, parse_flow_control_value, validate_key
 from .rules import Route, Router, Rule
 from .stores import Store, open_store, parse_store_uri
@@ -96,6 +97,8 @@ class FlowControlMiddleware:
     given, wins over the file. `store` is a URI (`memory://`, `redis://…`, opened at startup or on first use and
     closed at shutdown) or a `Store` you own. `key(scope)` returns a request's key, or None to leave it to the
     rules and headers; `policy` (a `Policy` or `"parallelism=2, rate=10, period=1m"`) gives that key's limits.
+    `metrics` (a `gateway.metrics.Metrics`) counts admissions, rejections, waiting and in-flight requests; serve
+    `metrics.render()` wherever your app exposes Prometheus metrics.
     """
 
     def __init__(
@@ -111,8 +114,10 @@ class FlowControlMiddleware:
         trust_policy_headers: bool | None = None,
         defaults: Policy | None = None,
         trusted_proxies: Sequence[str] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.app = app
+        self.observer = DeliveryObserver(metrics)
         settings = Settings()
         if config is not None:
             settings = load_settings({"config": os.fspath(config)}, environ={}, require_upstream=False)
@@ -159,6 +164,7 @@ class FlowControlMiddleware:
             try:
                 route = self._route(scope)
             except DeliveryError as exc:  # 400 invalid_flow_control / missing_key_part
+                self.observer.refused(exc)
                 await send_error(send, exc)
                 return
             if route is None:
@@ -182,7 +188,7 @@ class FlowControlMiddleware:
         # controller's timers and connections belong to a loop that is gone.
         store = self._store
         if store is None:
-            store = self._owned = open_store(self.settings.store)
+            store = self._owned = open_store(self.settings.store, max_keys=self.settings.max_keys)
         self._controller = FlowController(store, lease_ttl=self.settings.lease_ttl)
         self._loop = loop
         return self._controller
@@ -209,25 +215,34 @@ class FlowControlMiddleware:
 
     async def _controlled(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         controller = self.open()
+        observer = self.observer
         task = asyncio.current_task()
         inbox = RequestInbox(receive, task)  # while armed, a client that leaves cancels this task
         try:
+            observer.entered(route)
             try:
                 lease = await controller.acquire(route.key, route.policy)
             except asyncio.CancelledError:
+                observer.cancelled(route)
                 inbox.disarm()
                 if inbox.disconnected and task is not None and task.uncancel() == 0:
                     return  # the client left while waiting: its ticket is withdrawn, the app never runs
                 raise
             except DeliveryError as exc:  # 429 waitlist_full / wait_timeout, 503 store_unavailable
+                observer.rejected(route, exc)
                 inbox.disarm()
                 await send_error(send, exc)
                 return
+            except BaseException:
+                observer.cancelled(route)
+                raise
+            observer.admitted(route, lease)
             inbox.disarm()
             grant = FlowGrant(lease, controller)
             scope[SCOPE_KEY] = grant
             try:
-                await self.app(scope, _receiver(inbox), _sender(send, grant))
+                with observer.in_flight(route):
+                    await self.app(scope, _receiver(inbox), _sender(send, grant))
             finally:
                 grant._finish()
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Final
 from urllib.parse import quote, urlsplit
@@ -20,6 +21,7 @@ from .errors import BodyTooLarge, ConfigError, DeliveryError, StoreUnavailable
 from .http import (
     HOP_BY_HOP,
     BadRequest,
+    BodyTimeout,
     Headers,
     MethodNotAllowed,
     NotImplementedUpgrade,
@@ -29,12 +31,15 @@ from .http import (
     send_error,
 )
 from .inbox import RequestInbox
+from .metrics import DeliveryObserver, Metrics
 from .rules import Route, Router
 from .types import Message, Receive, Scope, Send
+from .upstream import open_upstream_client
 from .upstream.base import UpstreamClient, UpstreamResponse
 
 DEFAULT_UPSTREAM_TIMEOUT = 60.0
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT = 60.0  # seconds the client may keep the proxy waiting for body bytes, summed (see inbox.py)
 
 #: Request headers never passed upstream as the client sent them (the proxy sets its own or handles them).
 _DROP_REQUEST: Final = HOP_BY_HOP | {
@@ -60,7 +65,9 @@ class ProxyApp:
         router: Router,
         upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT,
         max_body: int = DEFAULT_MAX_BODY,
+        body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
         client: UpstreamClient | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -70,12 +77,12 @@ class ProxyApp:
         self.router = router
         self.upstream_timeout = upstream_timeout
         self.max_body = max_body
+        self.body_timeout = body_timeout
         self._host = parts.netloc.rpartition("@")[2].encode("idna")
         if client is None:
-            from .upstream.aiohttp_client import AiohttpClient
-
-            client = AiohttpClient(upstream)
+            client = open_upstream_client(upstream)
         self.client = client
+        self.observer = DeliveryObserver(metrics)
         self._opened = False
 
     def __repr__(self) -> str:
@@ -111,19 +118,23 @@ class ProxyApp:
             headers, content_length = self._request_headers(scope)
             route = None if self.router.passthrough else self.router.route(scope)
         except DeliveryError as exc:
+            self.observer.refused(exc)
             await send_error(send, exc, close=exc.status in (405, 413) or isinstance(exc, BadRequest))
             return
         task = asyncio.current_task()
-        inbox = RequestInbox(receive, task)
-        exchange = _Exchange()
+        inbox = RequestInbox(receive, task, body_timeout=self.body_timeout)
+        exchange = _Exchange(route)
         try:
             if route is not None:
                 exchange.lease = await self._acquire(route, send)
                 if exchange.lease is not None:
                     headers.append((b"flow-control-key", route.key.encode()))
                     headers.append((b"flow-control-lease", exchange.lease.token.encode()))
-            if route is None or exchange.lease is not None:
+            if route is None:
                 await self._forward(scope, send, inbox, headers, content_length, exchange)
+            elif exchange.lease is not None:
+                with self.observer.in_flight(route):
+                    await self._forward(scope, send, inbox, headers, content_length, exchange)
         except asyncio.CancelledError:
             if not inbox.disconnected or task is None:
                 self._release_soon(inbox, exchange)
@@ -139,7 +150,7 @@ class ProxyApp:
             try:
                 await self.controller.release(exchange.lease)
             except StoreUnavailable:
-                pass  # the lease expires by itself after lease_ttl
+                self.observer.store_error("release")  # the lease expires by itself after lease_ttl
             except asyncio.CancelledError:
                 self.controller.release_soon(exchange.lease)
                 raise
@@ -152,11 +163,19 @@ class ProxyApp:
             exchange.lease = None
 
     async def _acquire(self, route: Route, send: Send) -> Lease | None:
+        observer = self.observer
+        observer.entered(route)
         try:
-            return await self.controller.acquire(route.key, route.policy)
+            lease = await self.controller.acquire(route.key, route.policy)
         except DeliveryError as exc:  # Rejected (429) or StoreUnavailable (503)
+            observer.rejected(route, exc)
             await send_error(send, exc)
             return None
+        except BaseException:  # the client left, or the server stops
+            observer.cancelled(route)
+            raise
+        observer.admitted(route, lease)
+        return lease
 
     async def _forward(
         self,
@@ -169,6 +188,7 @@ class ProxyApp:
     ) -> None:
         """Send the request upstream and stream the answer back."""
         body = None if content_length == 0 else self._body(inbox)
+        started = time.perf_counter()
         try:
             response = await self.client.request(
                 scope["method"], _target(scope), headers, body, timeout=self.upstream_timeout
@@ -176,9 +196,15 @@ class ProxyApp:
         except DeliveryError as exc:
             if inbox.too_large:
                 await send_error(send, BodyTooLarge(self._too_large_message()), close=True)
+            elif inbox.timed_out:  # the upstream call is aborted; the rest of the body will not be read
+                await send_error(
+                    send, BodyTimeout(f"the request body did not arrive within {self.body_timeout:g}s"), close=True
+                )
             elif not inbox.disconnected:
+                self.observer.failed(exchange.route, exc)
                 await send_error(send, exc)
             return
+        self.observer.answered(exchange.route, started)
         try:
             await self._respond(send, inbox, response, exchange)
         finally:
@@ -333,11 +359,12 @@ async def _absorb_cancel(task: asyncio.Task[object]) -> None:
 
 
 class _Exchange:
-    """The lease of one request, and whether the upstream asked to hold it (completion reporting)."""
+    """The route and lease of one request, and whether the upstream asked to hold it (completion reporting)."""
 
-    __slots__ = ("held", "lease")
+    __slots__ = ("held", "lease", "route")
 
-    def __init__(self) -> None:
+    def __init__(self, route: Route | None) -> None:
+        self.route = route
         self.lease: Lease | None = None
         self.held = False
 
@@ -356,4 +383,4 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_UPSTREAM_TIMEOUT", "ProxyApp"]
+__all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_BODY", "DEFAULT_UPSTREAM_TIMEOUT", "ProxyApp"]

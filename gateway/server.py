@@ -27,19 +27,22 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from . import logs
 from .admin import build_admin_app, warn_if_exposed
-from .config import Settings
+from .config import DEFAULT_HEADER_TIMEOUT, Settings
 from .engine import FlowController
 from .errors import StoreUnavailable
+from .metrics import Metrics, mark_dead, multiprocess_dir
 from .proxy import ProxyApp
 from .stores import open_store
 from .types import ASGIApp
+from .upstream import open_upstream_client
 
 logger = logging.getLogger("flowgate")
 
@@ -47,8 +50,8 @@ logger = logging.getLogger("flowgate")
 MAX_TARGET = 8 * 1024  # 414
 MAX_HEADER_BYTES = 16 * 1024  # 431, counting each field as `name: value\r\n`
 MAX_HEADER_FIELDS = 100  # 431
-#: Longest a client may take to send a request head (slow-loris guard); 408 then.
-HEAD_TIMEOUT = 30.0
+#: Longest a client may take to send a request head (slow-loris guard); 408 then. `header_timeout` sets it.
+HEAD_TIMEOUT = DEFAULT_HEADER_TIMEOUT
 #: Idle keep-alive connections close after this long. Longer than common load balancers' idle timeout (60s), so
 #: the balancer, not the gateway, closes idle connections (otherwise it may send a request on a closing one).
 PROXY_KEEP_ALIVE = 75
@@ -96,7 +99,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._discarding = False  # refused: what the client still sends is dropped until the connection closes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(cast(asyncio.Transport, _LingeringTransport(transport, self)))
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -189,14 +192,50 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             refusal.extra,
         )
         self.transport.write(STATUS_LINE[refusal.status] + head + body)
-        if not self.transport.can_write_eof():
-            self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Lingering close: closing while the client still sends would reset the connection, and a reset can
+        destroy the answer in the client's buffer. Half-close, discard what still comes, close a bit later."""
+        transport = self.transport
+        if not transport.can_write_eof():
+            transport.close()
             return
-        # Lingering close: closing while the client still sends would reset the connection, and a reset can
-        # destroy the answer in the client's buffer. Half-close, discard what still comes, close a bit later.
-        self.transport.write_eof()
+        transport.write_eof()
         self._discarding = True
-        self.loop.call_later(LINGER, self.transport.close)
+        transport.resume_reading()  # read (and drop) what the client still sends, so the kernel never resets
+        self.loop.call_later(LINGER, _close, transport)
+
+
+class _LingeringTransport:
+    """The connection's transport as uvicorn sees it. Its `close()` lingers (see `_linger`) when a response
+    ended before the request body was read: a 413, or a 408 body_timeout, answered with `Connection: close`
+    while the client may still be sending. Every other call goes to the real transport."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: LimitedHttpToolsProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        cycle = self._protocol.cycle
+        transport = self._transport
+        if (
+            self._protocol._discarding
+            or cycle is None
+            or not cycle.response_complete
+            or not cycle.more_body
+            or transport.is_closing()
+        ):
+            transport.close()
+        else:
+            self._protocol._linger()
+
+
+def _close(transport: asyncio.Transport) -> None:
+    transport.close()
 
 
 # -- server handles -------------------------------------------------------------------------------------------------
@@ -258,7 +297,7 @@ def make_server(app: ASGIApp, settings: Settings, role: str) -> ServerHandle:
     config = uvicorn.Config(
         app,
         loop="none",  # the loop is ours (uvloop, see run)
-        http=LimitedHttpToolsProtocol,
+        http=_protocol(settings.header_timeout),
         ws="none",  # no WebSockets: an Upgrade request reaches the proxy as plain HTTP, which answers 501
         lifespan="on" if proxy else "off",
         interface="asgi3",
@@ -275,18 +314,20 @@ def make_server(app: ASGIApp, settings: Settings, role: str) -> ServerHandle:
     return UvicornHandle(config)
 
 
+def _protocol(head_timeout: float) -> type[LimitedHttpToolsProtocol]:
+    """LimitedHttpToolsProtocol with this head deadline (uvicorn builds its protocol objects from a class)."""
+    if head_timeout == DEFAULT_HEADER_TIMEOUT:
+        return LimitedHttpToolsProtocol
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"head_timeout": head_timeout})
+
+
 def _log_level(name: str) -> int:
     return _TRACE if name == "trace" else logging.getLevelNamesMapping()[name.upper()]
 
 
 def configure_logging(settings: Settings) -> None:
     logging.addLevelName(_TRACE, "TRACE")
-    logging.basicConfig(
-        level=_log_level(settings.log_level),
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    logs.configure(_log_level(settings.log_level), settings.log_format)
 
 
 # -- one worker -----------------------------------------------------------------------------------------------------
@@ -296,16 +337,20 @@ async def run_worker(settings: Settings, proxy_sock: socket.socket, admin_sock: 
     """Serve until SIGTERM/SIGINT, then drain; return the exit code."""
     assert settings.upstream is not None
     loop = asyncio.get_running_loop()
-    store = open_store(settings.store)
+    store = open_store(settings.store, max_keys=settings.max_keys)
     controller = FlowController(store, lease_ttl=settings.lease_ttl)
+    metrics = Metrics(rule.name for rule in settings.rules)
     proxy_app = ProxyApp(
         upstream=settings.upstream,
         controller=controller,
         router=settings.router(),
         upstream_timeout=settings.upstream_timeout,
         max_body=settings.max_body,
+        body_timeout=settings.body_timeout,
+        metrics=metrics,
+        client=open_upstream_client(settings.upstream, settings.upstream_client),
     )
-    admin_app = build_admin_app(controller, settings)
+    admin_app = build_admin_app(controller, settings, metrics=metrics)
     proxy = make_server(proxy_app, settings, "proxy")
     admin = make_server(admin_app, settings, "admin")
 
@@ -357,6 +402,7 @@ async def run_worker(settings: Settings, proxy_sock: socket.socket, admin_sock: 
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        metrics.flush()  # with --workers: this worker's last numbers stay in the totals
         await store.close()
 
 
@@ -407,7 +453,8 @@ def serve(settings: Settings) -> int:
         return 1
     if workers == 1:
         return _run_loop(settings, proxy_socks[0], admin_sock)
-    return _supervise(settings, proxy_socks, admin_sock)
+    with multiprocess_dir():  # the workers' metrics meet there (see gateway.metrics)
+        return _supervise(settings, proxy_socks, admin_sock)
 
 
 def _supervise(settings: Settings, proxy_socks: list[socket.socket], admin_sock: socket.socket) -> int:
@@ -454,6 +501,7 @@ def _supervise(settings: Settings, proxy_socks: list[socket.socket], admin_sock:
         except ChildProcessError:
             break
         index = children.pop(pid)
+        mark_dead(pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             failed = failed or code != 0

@@ -1,7 +1,8 @@
 """An app factory for running the proxy in its own process: `python -m uvicorn tests.gateway_app:create_app --factory`.
 
 Settings come from the environment: FLOWGATE_TEST_UPSTREAM (required), FLOWGATE_TEST_STORE (default memory://),
-FLOWGATE_TEST_RULES (JSON list of Rule keyword dicts), FLOWGATE_TEST_MAX_BODY (bytes), FLOWGATE_TEST_TIMEOUT (s).
+FLOWGATE_TEST_RULES (JSON list of Rule keyword dicts), FLOWGATE_TEST_MAX_BODY (bytes), FLOWGATE_TEST_TIMEOUT (s),
+FLOWGATE_TEST_UPSTREAM_CLIENT (auto, lean or aiohttp).
 The controller and the store are closed on lifespan shutdown.
 """
 
@@ -15,18 +16,21 @@ from gateway.engine import FlowController
 from gateway.proxy import DEFAULT_MAX_BODY, ProxyApp
 from gateway.rules import Router, Rule
 from gateway.stores import open_store
+from gateway.upstream import open_upstream_client
 
 
 def create_app() -> Any:
     store = open_store(os.environ.get("FLOWGATE_TEST_STORE", "memory://"))
     controller = FlowController(store)
+    upstream = os.environ["FLOWGATE_TEST_UPSTREAM"]
     rules = [Rule(**item) for item in json.loads(os.environ.get("FLOWGATE_TEST_RULES", "[]"))]
     proxy = ProxyApp(
-        upstream=os.environ["FLOWGATE_TEST_UPSTREAM"],
+        upstream=upstream,
         controller=controller,
         router=Router(rules),
         max_body=int(os.environ.get("FLOWGATE_TEST_MAX_BODY", DEFAULT_MAX_BODY)),
         upstream_timeout=float(os.environ.get("FLOWGATE_TEST_TIMEOUT", "60")),
+        client=open_upstream_client(upstream, os.environ.get("FLOWGATE_TEST_UPSTREAM_CLIENT", "auto")),
     )
 
     async def app(scope: Any, receive: Any, send: Any) -> None:

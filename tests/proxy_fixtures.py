@@ -43,6 +43,14 @@ def store_uri(request: pytest.FixtureRequest) -> str:
     return url
 
 
+@pytest.fixture(params=["lean", "aiohttp"], autouse=True)
+def upstream_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every proxy test runs once per upstream client (read by proxy_harness and gateway_app)."""
+    monkeypatch.setenv("FLOWGATE_TEST_UPSTREAM_CLIENT", request.param)
+    kind: str = request.param
+    return kind
+
+
 @pytest.fixture
 def key() -> str:
     """A flow-control key no other test uses (the upstream's records are per key)."""

@@ -20,8 +20,10 @@ from gateway.policy import Policy
 from gateway.proxy import ProxyApp
 from gateway.rules import Router, Rule
 from gateway.stores import Store, open_store
+from gateway.upstream import open_upstream_client
 from tests.upstream_app import free_port
 
+CLIENT_ENV = "FLOWGATE_TEST_UPSTREAM_CLIENT"  # the proxy suites run once per upstream client (proxy_fixtures)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,6 +57,7 @@ async def running_gateway(
         trust_policy_headers=trust_policy_headers,
         trusted_proxies=trusted_proxies,
     )
+    app_options.setdefault("client", open_upstream_client(upstream, os.environ.get(CLIENT_ENV, "auto")))
     app = ProxyApp(upstream=upstream, controller=controller, router=router, **app_options)
     port = free_port()
     config = uvicorn.Config(

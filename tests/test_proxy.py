@@ -16,6 +16,7 @@ from tests.proxy_harness import eventually, key_idle, parse_response, raw_exchan
 from tests.upstream_app import free_port
 
 upstream = proxy_fixtures.upstream
+upstream_client = proxy_fixtures.upstream_client
 key = proxy_fixtures.key
 Upstream = proxy_fixtures.Upstream
 

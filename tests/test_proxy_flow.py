@@ -8,12 +8,14 @@ import asyncio
 import aiohttp
 import pytest
 
+from gateway.policy import Policy
 from gateway.rules import Rule
 from tests import proxy_fixtures
 from tests.proxy_harness import eventually, gateway_processes, key_idle, running_gateway
 from tests.upstream_app import max_concurrency, max_starts_in_window
 
 upstream = proxy_fixtures.upstream
+upstream_client = proxy_fixtures.upstream_client
 key = proxy_fixtures.key
 store_uri = proxy_fixtures.store_uri
 Upstream = proxy_fixtures.Upstream
@@ -66,10 +68,13 @@ async def test_fifo_per_key_from_one_client(upstream: Upstream, store_uri: str, 
                 await response.read()
                 return response.status
 
+        # Hold the only token, queue the requests one by one (each seen waiting before the next is sent), let go.
+        blocker = await gateway.controller.acquire(key, Policy(parallelism=1))
         tasks = []
         for seq in range(12):
             tasks.append(asyncio.create_task(one(seq)))
-            await asyncio.sleep(0.01)  # submit in order, staggered
+            await eventually(lambda n=seq + 1: gateway.controller.waiting == n)
+        await gateway.controller.release(blocker)
         assert await asyncio.gather(*tasks) == [200] * 12
     order = [call.seq for call in sorted(upstream.app.calls(key), key=lambda call: call.start)]
     assert order == list(range(12))

@@ -16,6 +16,7 @@ from tests.proxy_harness import eventually, key_idle, raw_exchange, running_gate
 from tests.upstream_app import free_port
 
 upstream = proxy_fixtures.upstream
+upstream_client = proxy_fixtures.upstream_client
 key = proxy_fixtures.key
 store_uri = proxy_fixtures.store_uri
 Upstream = proxy_fixtures.Upstream

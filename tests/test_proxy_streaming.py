@@ -11,6 +11,7 @@ from tests import proxy_fixtures
 from tests.proxy_harness import gateway_processes, running_gateway
 
 upstream = proxy_fixtures.upstream
+upstream_client = proxy_fixtures.upstream_client
 key = proxy_fixtures.key
 Upstream = proxy_fixtures.Upstream
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -46,9 +47,15 @@ from .batching import ScriptBatcher
 
 DEFAULT_PICKUP_TTL = 10.0
 DEFAULT_SOCKET_TIMEOUT = 2.0
+#: Connections one store may open at once. redis-py 8's asyncio pool defaults to 100 and then fails calls with
+#: MaxConnectionsError (a 503) at once; a loaded instance whose event loop lags behind Redis's replies has more
+#: batches in flight than that (seen under S1's 200 clients on 2 cores).
+MAX_CONNECTIONS = 1024
 INBOX_BLOCK = 5  # seconds one BLPOP waits before it is re-issued
 INBOX_TTL_MS = 60_000
 INDEX_KEY = "fc:keys"
+KNOWN_KEYS = 4096  # keys an instance remembers as live, skipping the max_keys check (bounds the overshoot)
+PRUNE_EVERY = 10.0  # seconds between two prunings of the key index by one instance, once it reaches max_keys
 _MAX_TAKEN = 100_000
 _STATUS = {"w": "waiting", "a": "admitted", "g": "gone"}
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError)
@@ -102,8 +109,12 @@ class RedisStore(Store):
         *,
         pickup_ttl: float = DEFAULT_PICKUP_TTL,
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        max_keys: int | None = None,
     ) -> None:
         self.uri = uri
+        self.max_keys = max_keys
+        self._known: OrderedDict[str, None] = OrderedDict()  # keys seen live lately: no cap check (bounded LRU)
+        self._pruned_at = float("-inf")
         self.instance = os.urandom(8).hex()
         self._pickup_ms = str(round(pickup_ttl * 1000))
         self._socket_timeout = socket_timeout
@@ -122,6 +133,8 @@ class RedisStore(Store):
         # key -> (when, handle): uvloop returns a plain Handle without when() for delays under 0.5 ms
         self._timers: dict[str, tuple[float, asyncio.Handle]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._unindexed: set[str] = set()  # new keys of this tick, added to the index in one SADD
+        self._indexing: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.uri)!r})"
@@ -140,6 +153,7 @@ class RedisStore(Store):
             socket_connect_timeout=socket_timeout,
             retry=Retry(ExponentialBackoff(cap=0.25, base=0.01), 1),
             health_check_interval=30,
+            max_connections=MAX_CONNECTIONS,
         )
         return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
 
@@ -193,12 +207,21 @@ class RedisStore(Store):
             if listener is None:  # its delivery is gone: do not let the token idle until expiry
                 self._spawn(self.release(key, ticket))
                 continue
-            if foreign:  # admitted with a pickup TTL: take it over for the full lease TTL
+            if foreign:  # admitted with a pickup TTL: take it over for the full lease TTL, then wake
                 assert local is not None
-                self._spawn(self.renew(key, [ticket], local.lease_ttl))
+                self._spawn(self._pick_up(key, ticket, local.lease_ttl, listener))
+                continue
             listener(key, ticket)
         if remote:
             self._spawn(self._push(key, remote))
+
+    async def _pick_up(self, key: str, ticket: str, lease_ttl: float, listener: AdmitCallback) -> None:
+        """Wake the owner only once the renewal confirms the lease: a wake-up that arrives after the pickup TTL
+        ran out (its token may be someone else's by now) must not start a delivery without a lease. A lapsed
+        admission is left to the owner's safety re-check, which finds the ticket gone."""
+        (renewed,) = await self.renew(key, [ticket], lease_ttl)
+        if renewed:
+            listener(key, ticket)
 
     async def _push(self, key: str, remote: list[tuple[str, str]]) -> None:
         for ticket, instance in remote:
@@ -236,6 +259,16 @@ class RedisStore(Store):
             raise StoreUnavailable(f"the store {self.uri} cannot be reached: {type(exc).__name__}") from exc
 
     async def enter(self, key: str, policy: Policy, ticket: str, owner: str, lease_ttl: float) -> Entry:
+        if self.max_keys is not None:
+            known = self._known
+            if key in known:
+                known.move_to_end(key)
+            elif await self._over_cap(key):
+                return Refused("too_many_keys", 1.0)
+            else:
+                known[key] = None
+                if len(known) > KNOWN_KEYS:
+                    known.popitem(last=False)
         self._local[ticket] = _Local(owner, lease_ttl)
         args = [
             ticket,
@@ -252,7 +285,7 @@ class RedisStore(Store):
         status, first, second, new_key = int(reply[0]), reply[1], int(reply[2]), int(reply[3])
         self._handoffs(key, reply[4:])
         if new_key:
-            self._spawn(self._guard(self._client.sadd(INDEX_KEY, key)))
+            self._index_soon(key)
         if status == 1:
             self._local.pop(ticket, None)
             return Admitted(ticket)
@@ -262,6 +295,45 @@ class RedisStore(Store):
         self._ensure_inbox()
         self._arm(key, second)
         return Queued(int(first), None if second < 0 else second / 1000)
+
+    async def _over_cap(self, key: str) -> bool:
+        """True when `key` is new and the index of live keys already holds `max_keys` (pruned of expired keys
+        at most every PRUNE_EVERY seconds). Approximate: instances check concurrently, and keys this instance
+        saw lately (KNOWN_KEYS of them) skip the check even if their state has expired meanwhile."""
+        assert self.max_keys is not None
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.scard(INDEX_KEY)
+            pipe.exists(key_names(key)[0])
+            count, exists = await self._guard(pipe.execute())
+        if exists or count < self.max_keys:
+            return False
+        now = asyncio.get_running_loop().time()
+        if now - self._pruned_at < PRUNE_EVERY:
+            return True
+        self._pruned_at = now
+        await self._prune_index()
+        return int(await self._guard(self._client.scard(INDEX_KEY))) >= self.max_keys
+
+    async def _prune_index(self) -> None:
+        """Drop keys whose state has expired from the index (batches of EXISTS in one round trip each)."""
+        batch: list[str] = []
+        async for raw in self._scan_index(""):
+            batch.append(_text(raw))
+            if len(batch) >= 500:
+                await self._prune_batch(batch)
+                batch = []
+        if batch:
+            await self._prune_batch(batch)
+
+    async def _prune_batch(self, batch: list[str]) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key in batch:
+                names = key_names(key)
+                pipe.exists(names[0], names[1], names[3])
+            alive = await self._guard(pipe.execute())
+        stale = [key for key, count in zip(batch, alive, strict=True) if not count]
+        if stale:
+            await self._guard(self._client.srem(INDEX_KEY, *stale))
 
     async def pump(self, key: str, tickets: Sequence[str] = ()) -> PumpResult:
         reply = await self._call("pump", key, [self.instance, self._pickup_ms, *tickets])
@@ -321,6 +393,7 @@ class RedisStore(Store):
         )
 
     async def keys(self, prefix: str = "") -> list[str]:
+        await self._index_settled()
         found: list[str] = []
         stale: list[str] = []
         async for raw in self._scan_index(prefix):
@@ -336,7 +409,7 @@ class RedisStore(Store):
         return sorted(found)
 
     async def _scan_index(self, prefix: str) -> AsyncIterator[Any]:
-        pattern = "".join(f"[{c}]" if c in "*?[]\\^" else c for c in prefix) + "*"
+        pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in prefix) + "*"  # glob escapes: \[ \* …
         try:
             async for item in self._client.sscan_iter(INDEX_KEY, match=pattern, count=500):
                 yield item
@@ -428,10 +501,32 @@ class RedisStore(Store):
         del self._timers[key]
         self._spawn(self.pump(key))
 
-    def _spawn(self, operation: Awaitable[Any]) -> None:
+    def _index_soon(self, key: str) -> None:
+        """Add `key` to the index of live keys. The new keys of one tick share one SADD: a burst of new keys must
+        not take a pooled connection each (redis-py's pool refuses more than 100, and a lost SADD hides the key
+        from the admin API's listing)."""
+        if not self._unindexed:
+            asyncio.get_running_loop().call_soon(self._flush_index)
+        self._unindexed.add(key)
+
+    def _flush_index(self) -> None:
+        keys, self._unindexed = list(self._unindexed), set()
+        if keys:
+            task = self._spawn(self._guard(self._client.sadd(INDEX_KEY, *keys)))
+            self._indexing.add(task)
+            task.add_done_callback(self._indexing.discard)
+
+    async def _index_settled(self) -> None:
+        """Read your own writes: the keys this instance created are in the index before it is read."""
+        self._flush_index()
+        if self._indexing:
+            await asyncio.gather(*self._indexing, return_exceptions=True)
+
+    def _spawn(self, operation: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(_quietly(operation))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
 
 class RedisClusterStore(RedisStore):
