@@ -7,6 +7,10 @@ Every error a client can see maps to one JSON response (`{"error": code, "messag
     └── DeliveryError                  answered to the client with `status` and `code`
         ├── InvalidFlowControl         400 invalid_flow_control (bad policy value or key)
         ├── MissingKeyPart             400 missing_key_part
+        ├── BadRequest                 400 bad_request (framing the gateway will not forward)
+        ├── MethodNotAllowed           405 method_not_allowed (CONNECT, absolute-form targets)
+        ├── BodyTimeout                408 body_timeout
+        ├── NotImplementedUpgrade      501 not_implemented (WebSocket and other upgrades)
         ├── BodyTooLarge               413 body_too_large
         ├── Rejected                   429 waitlist_full / wait_timeout / too_many_keys, with retry_after
         ├── UpstreamUnreachable        502 upstream_unreachable
@@ -49,6 +53,34 @@ class InvalidFlowControl(DeliveryError, ValueError):
 class MissingKeyPart(DeliveryError):
     status = 400
     code = "missing_key_part"
+
+
+class BadRequest(DeliveryError):
+    """400 bad_request: a request the gateway will not forward (framing it cannot trust)."""
+
+    status = 400
+    code = "bad_request"
+
+
+class MethodNotAllowed(DeliveryError):
+    """405 method_not_allowed: CONNECT and absolute-form targets; this is a reverse proxy, not a forward one."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class BodyTimeout(DeliveryError):
+    """408 body_timeout: the client kept the gateway waiting for its request body longer than `body_timeout`."""
+
+    status = 408
+    code = "body_timeout"
+
+
+class NotImplementedUpgrade(DeliveryError):
+    """501 not_implemented: protocol upgrades such as WebSocket are not proxied."""
+
+    status = 501
+    code = "not_implemented"
 
 
 class BodyTooLarge(DeliveryError):

@@ -28,34 +28,6 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 
-class BadRequest(DeliveryError):
-    """400 bad_request: a request the gateway will not forward (framing it cannot trust)."""
-
-    status = 400
-    code = "bad_request"
-
-
-class MethodNotAllowed(DeliveryError):
-    """405 method_not_allowed: CONNECT and absolute-form targets; this is a reverse proxy, not a forward one."""
-
-    status = 405
-    code = "method_not_allowed"
-
-
-class BodyTimeout(DeliveryError):
-    """408 body_timeout: the client kept the gateway waiting for its request body longer than `body_timeout`."""
-
-    status = 408
-    code = "body_timeout"
-
-
-class NotImplementedUpgrade(DeliveryError):
-    """501 not_implemented: protocol upgrades such as WebSocket are not proxied."""
-
-    status = 501
-    code = "not_implemented"
-
-
 def error_body(exc: DeliveryError) -> bytes:
     return json.dumps({"error": exc.code, "message": exc.message}).encode()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from .http import BodyTimeout
+from .errors import BodyTimeout
 from .types import Receive
 
 HIGH_WATER = 64 * 1024  # bytes of request body read ahead of the forwarder

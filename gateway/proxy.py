@@ -17,14 +17,19 @@ from typing import Final
 from urllib.parse import quote, urlsplit
 
 from .engine import FlowController, Lease
-from .errors import BodyTooLarge, ConfigError, DeliveryError, StoreUnavailable
-from .http import (
-    HOP_BY_HOP,
+from .errors import (
     BadRequest,
     BodyTimeout,
-    Headers,
+    BodyTooLarge,
+    ConfigError,
+    DeliveryError,
     MethodNotAllowed,
     NotImplementedUpgrade,
+    StoreUnavailable,
+)
+from .http import (
+    HOP_BY_HOP,
+    Headers,
     connection_tokens,
     error_body,
     error_headers,
