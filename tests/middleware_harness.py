@@ -17,13 +17,11 @@ import asyncio
 import contextlib
 import os
 import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as FastAPIRequest
 from starlette.applications import Starlette
@@ -34,6 +32,7 @@ from starlette.routing import Route
 
 from gateway import FlowControlMiddleware, Rule
 from gateway.middleware import FlowGrant
+from tests.uvicorn_thread import uvicorn_in_thread
 
 RULES = [
     Rule(name="par3", path="/par3/", key="par3:{query:k}", parallelism=3),
@@ -189,28 +188,9 @@ def free_socket() -> socket.socket:
     return sock
 
 
-@contextlib.contextmanager
-def serve(app: Any, lifespan: str = "on") -> Iterator[str]:
+def serve(app: Any, lifespan: str = "on") -> contextlib.AbstractContextManager[str]:
     """Serve `app` with uvicorn (httptools) in a thread on a free loopback port; yields the base URL."""
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, http="httptools", loop="asyncio", lifespan=lifespan, log_level="critical", timeout_graceful_shutdown=2
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    return uvicorn_in_thread(app, lifespan)
 
 
 class RawClient:

@@ -39,13 +39,15 @@ async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @contextlib.contextmanager
-def uvicorn_in_thread(app: Any = echo_app) -> Iterator[str]:
-    """Serve `app` on a free loopback port; yields its base URL."""
+def uvicorn_in_thread(app: Any = echo_app, lifespan: str = "off") -> Iterator[str]:
+    """Serve `app` with uvicorn (httptools) in a thread on a free loopback port; yields its base URL."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, http="httptools", loop="asyncio", log_level="warning", lifespan="off")
+    config = uvicorn.Config(
+        app, http="httptools", loop="asyncio", log_level="warning", lifespan=lifespan, timeout_graceful_shutdown=2
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
