@@ -177,7 +177,7 @@ async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
             async with asyncio.timeout(timeout):
                 while chunk := await reader.read(65536):
                     chunks.append(chunk)
-                    if _complete(b"".join(chunks)):
+                    if response_complete(b"".join(chunks)):
                         break
         return b"".join(chunks)
     finally:
@@ -186,7 +186,8 @@ async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
             await writer.wait_closed()
 
 
-def _complete(data: bytes) -> bool:
+def response_complete(data: bytes) -> bool:
+    """A whole response with a Content-Length body has arrived."""
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
         return False

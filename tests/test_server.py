@@ -12,6 +12,7 @@ from gateway.config import Settings
 from gateway.server import MAX_HEADER_BYTES, MAX_TARGET, LimitedHttpToolsProtocol, bind_socket, make_server
 from gateway.types import Receive, Scope, Send
 from tests.live import serving
+from tests.proxy_harness import response_complete
 
 
 async def echo_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -63,7 +64,7 @@ async def exchange(port: int, *chunks: bytes, pause: float = 0.0) -> tuple[int, 
                         closed = True
                         break
                     data += piece
-                    if b"\r\n\r\n" in data and _complete(data):
+                    if response_complete(data):
                         try:
                             closed = await asyncio.wait_for(reader.read(1), 0.5) == b""
                         except TimeoutError:
@@ -78,15 +79,6 @@ async def exchange(port: int, *chunks: bytes, pause: float = 0.0) -> tuple[int, 
         return status, body, closed
     finally:
         writer.close()
-
-
-def _complete(data: bytes) -> bool:
-    head, _, body = data.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(body) >= int(value)
-    return False
 
 
 def error_code(body: bytes) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.proxy_harness import response_complete
 from tests.redis_servers import free_port
 
 SOAK = os.environ.get("FLOWGATE_SOAK", "") not in ("", "0")
@@ -218,7 +219,7 @@ async def raw_request(port: int, data: bytes | Sequence[bytes], timeout: float =
                     closed = True
                     break
                 buffer += piece
-                if _complete(buffer):
+                if response_complete(buffer):
                     try:
                         closed = await asyncio.wait_for(reader.read(1), 0.5) == b""
                     except (TimeoutError, ConnectionError):
@@ -229,17 +230,6 @@ async def raw_request(port: int, data: bytes | Sequence[bytes], timeout: float =
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
-
-
-def _complete(data: bytes) -> bool:
-    head, sep, body = data.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(body) >= int(value.strip())
-    return False
 
 
 def _parse(data: bytes, closed: bool, elapsed: float) -> Answer:
