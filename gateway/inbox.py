@@ -10,17 +10,23 @@ Body deadline: `body_timeout` bounds the time `next()` spends waiting for the cl
 whole body (a client trickling a byte at a time cannot hold a connection and a token for long); time spent
 before the forwarder asks for the body (waiting for a token) does not count. Past it, `next()` raises
 BodyTimeout (408) and `timed_out` is set.
+
+A server can spare a request without a body that background task: `flowgate serve`'s server puts a callable
+at `scope["extensions"][DISCONNECT_EXTENSION]["watch"]` that takes a callback and calls it once if the client
+leaves before the response is complete (the `watch` argument).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 from .errors import BodyTimeout
 from .types import Receive
 
 HIGH_WATER = 64 * 1024  # bytes of request body read ahead of the forwarder
+DISCONNECT_EXTENSION = "flowgate.disconnect"
 
 
 class ClientDisconnected(Exception):
@@ -54,7 +60,9 @@ class RequestInbox:
         target: asyncio.Task[object] | None,
         high_water: int = HIGH_WATER,
         body_timeout: float | None = None,
+        watch: Callable[[Callable[[], object]], object] | None = None,
     ) -> None:
+        """`watch`: the server's DISCONNECT_EXTENSION, for a request without a body (then no task reads)."""
         self._receive = receive
         self.body_timeout = body_timeout
         self._allowance = body_timeout  # seconds of waiting for the client left
@@ -69,7 +77,12 @@ class RequestInbox:
         self.body_complete = False
         self.too_large = False
         self.timed_out = False
-        self._task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(self._pump())
+        self._task: asyncio.Task[None] | None = None
+        if watch is None:
+            self._task = asyncio.get_running_loop().create_task(self._pump())
+        else:
+            self.body_complete = True
+            watch(self._client_left)
 
     def disarm(self) -> None:
         """From now on a disconnect (or the server's end-of-response notice) no longer cancels the target."""
@@ -127,10 +140,7 @@ class RequestInbox:
                     self._producer = None
             message = await self._receive()
             if message["type"] != "http.request":
-                self.disconnected = True
-                self._wake()
-                if self.armed and self._target is not None:
-                    self._target.cancel()
+                self._client_left()
                 return
             if self.body_complete:
                 continue  # a server that repeats the end of the body; keep watching
@@ -140,6 +150,12 @@ class RequestInbox:
             self._queued += len(chunk)
             self.body_complete = not more
             self._wake()
+
+    def _client_left(self) -> None:
+        self.disconnected = True
+        self._wake()
+        if self.armed and self._target is not None:
+            self._target.cancel()
 
     def _wake(self) -> None:
         consumer = self._consumer

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
 from .engine import FlowController, Lease
@@ -35,7 +35,7 @@ from .http import (
     error_headers,
     send_error,
 )
-from .inbox import RequestInbox
+from .inbox import DISCONNECT_EXTENSION, RequestInbox
 from .metrics import DeliveryObserver, Metrics
 from .rules import Route, Router
 from .types import Message, Receive, Scope, Send
@@ -57,6 +57,8 @@ _DROP_REQUEST: Final = HOP_BY_HOP | {
 _FORWARDED_SET: Final = frozenset({b"x-forwarded-proto", b"x-forwarded-host"})
 _DROP_UNTRUSTED: Final = _DROP_REQUEST | _FORWARDED_SET  # X-Forwarded-Proto/Host kept only from trusted proxies
 _HOLD: Final = b"flow-control-hold"
+_SKIP_RESPONSE: Final = HOP_BY_HOP | {_HOLD}
+_NONE: Final[dict[str, Any]] = {}
 
 
 class ProxyApp:
@@ -127,7 +129,10 @@ class ProxyApp:
             await send_error(send, exc, close=exc.status in (405, 413) or isinstance(exc, BadRequest))
             return
         task = asyncio.current_task()
-        inbox = RequestInbox(receive, task, body_timeout=self.body_timeout)
+        watch = None
+        if content_length == 0:
+            watch = scope.get("extensions", _NONE).get(DISCONNECT_EXTENSION, _NONE).get("watch")
+        inbox = RequestInbox(receive, task, body_timeout=self.body_timeout, watch=watch)
         exchange = _Exchange(route)
         try:
             if route is not None:
@@ -218,15 +223,18 @@ class ProxyApp:
     async def _respond(self, send: Send, inbox: RequestInbox, response: UpstreamResponse, exchange: _Exchange) -> None:
         out: Headers = []
         hold = False
-        listed = connection_tokens(response.headers)
+        listed: frozenset[bytes] = frozenset()
         for name, value in response.headers:
             lower = name.lower()
-            if lower in HOP_BY_HOP or lower in listed:
-                continue
-            if lower == _HOLD:
-                hold = value.strip() in (b"1", b"true")
+            if lower in _SKIP_RESPONSE:
+                if lower == _HOLD:
+                    hold = value.strip() in (b"1", b"true")
+                elif lower == b"connection":
+                    listed = listed | connection_tokens(((lower, value),))
                 continue
             out.append((lower, value))
+        if listed:
+            out = [(name, value) for name, value in out if name not in listed]
         lease = exchange.lease
         if lease is not None:
             out.append((b"flow-control-waited", str(round(lease.waited * 1000)).encode()))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -26,18 +27,21 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, cast
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from . import logs
 from .admin import build_admin_app, warn_if_exposed
 from .config import DEFAULT_HEADER_TIMEOUT, Settings
+from .deadlines import Deadlines
 from .engine import FlowController
 from .errors import StoreUnavailable
+from .inbox import DISCONNECT_EXTENSION
 from .metrics import Metrics, mark_dead, multiprocess_dir
 from .proxy import ProxyApp
 from .stores import open_store
@@ -95,16 +99,22 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_fields = 0
         self._reading_head = False
         self._pending = 0  # bytes received for a head that is still incomplete
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._deadline: int = _NONE  # which deadline of this connection is set in `_deadlines(loop)`
         self._discarding = False  # refused: what the client still sends is dropped until the connection closes
+        self._on_disconnect: tuple[RequestResponseCycle, Callable[[], object]] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _LingeringTransport(transport, self)))
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
+        if self._deadline != _NONE:
+            self._deadline = _NONE
+            _deadlines(self.loop).drop(self)
         super().connection_lost(exc)
+        watched, self._on_disconnect = self._on_disconnect, None
+        if watched is not None and not watched[0].response_complete:
+            watched[1]()
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -136,7 +146,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_bytes = self._head_fields = self._pending = 0
         self._reading_head = True
-        if self._head_timer is None:
+        if self._deadline != _HEAD:
             self._arm_head_timer()
 
     def on_url(self, url: bytes) -> None:
@@ -161,17 +171,54 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.parser.get_http_version() == "1.1" and not any(name == b"host" for name, _ in self.headers):
             raise _Refusal(400, "missing_host", "an HTTP/1.1 request needs a Host header")
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:  # a request for the app (not an upgrade)
+            watch = functools.partial(self._watch_disconnect, cycle)
+            self.scope["extensions"] = {DISCONNECT_EXTENSION: {"watch": watch}}
+
+    def _watch_disconnect(self, cycle: RequestResponseCycle, callback: Callable[[], object]) -> None:
+        """The `flowgate.disconnect` extension (see inbox.py): `callback()` once if the client leaves before
+        `cycle`'s response is complete. Only the running request registers, so one slot is enough."""
+        self._on_disconnect = (cycle, callback)
+
+    # Deadlines: one timer for every connection of the loop (see deadlines.py), not two timers per request.
 
     def _arm_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self.head_timeout, self._on_head_timeout)
+        self._deadline = _HEAD
+        _deadlines(self.loop).set(self, self.loop.time() + self.head_timeout)
 
     def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._deadline == _HEAD:
+            self._deadline = _NONE
+            _deadlines(self.loop).drop(self)
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, with the keep-alive deadline in the shared `Deadlines` instead of a timer per response."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self._deadline == _NONE:
+            self._deadline = _IDLE
+            _deadlines(self.loop).set(self, self.loop.time() + self.timeout_keep_alive)
+
+    def _unset_keepalive_if_required(self) -> None:
+        if self._deadline == _IDLE:
+            self._deadline = _NONE
+            _deadlines(self.loop).drop(self)
+
+    def _on_deadline(self) -> None:
+        kind, self._deadline = self._deadline, _NONE
+        if kind == _IDLE:
+            self.timeout_keep_alive_handler()
+        elif kind == _HEAD:
+            self._on_head_timeout()
 
     def _on_head_timeout(self) -> None:
-        self._head_timer = None
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete and not self._reading_head:
@@ -215,6 +262,11 @@ class _LingeringTransport:
     def __init__(self, transport: asyncio.Transport, protocol: LimitedHttpToolsProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        # the calls of every request, bound once (not looked up through __getattr__ each time)
+        self.write = transport.write
+        self.is_closing = transport.is_closing
+        self.pause_reading = transport.pause_reading
+        self.resume_reading = transport.resume_reading
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -236,6 +288,19 @@ class _LingeringTransport:
 
 def _close(transport: asyncio.Transport) -> None:
     transport.close()
+
+
+_NONE, _HEAD, _IDLE = 0, 1, 2  # LimitedHttpToolsProtocol._deadline: none set, the request head's, keep-alive's
+_loop_deadlines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines[LimitedHttpToolsProtocol]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _deadlines(loop: asyncio.AbstractEventLoop) -> Deadlines[LimitedHttpToolsProtocol]:
+    deadlines = _loop_deadlines.get(loop)
+    if deadlines is None:
+        deadlines = _loop_deadlines[loop] = Deadlines(loop, LimitedHttpToolsProtocol._on_deadline)
+    return deadlines
 
 
 # -- server handles -------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from gateway.engine import FlowController
 from gateway.policy import Policy
 from gateway.proxy import ProxyApp
 from gateway.rules import Router, Rule
+from gateway.server import LimitedHttpToolsProtocol
 from gateway.stores import Store, open_store
 from gateway.upstream import open_upstream_client
 from tests.upstream_app import free_port
@@ -46,9 +47,11 @@ async def running_gateway(
     trust_policy_headers: bool = True,
     trusted_proxies: Sequence[str] = (),
     lease_ttl: float = 60.0,
+    http: str = "flowgate",
     **app_options: Any,
 ) -> AsyncIterator[Gateway]:
-    """uvicorn serving a ProxyApp on a free port, in this event loop."""
+    """uvicorn serving a ProxyApp on a free port, in this event loop, with `flowgate serve`'s protocol (`http`
+    "flowgate") or uvicorn's own ("httptools": a plain ASGI server, without Flowgate's extensions)."""
     store = open_store(store_uri)
     controller = FlowController(store, lease_ttl=lease_ttl)
     router = Router(
@@ -64,6 +67,7 @@ async def running_gateway(
         app,
         host="127.0.0.1",
         port=port,
+        http=LimitedHttpToolsProtocol if http == "flowgate" else http,
         log_level="warning",
         lifespan="on",
         proxy_headers=False,

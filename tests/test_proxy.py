@@ -190,8 +190,11 @@ async def test_400_invalid_flow_control_key(upstream: Upstream, bad_key: str) ->
         ).encode("latin-1")
         status, headers, body = parse_response(await raw_exchange(gateway.port, request))
     assert status == 400
-    if headers.get("content-type") == "application/json":  # a control character may be refused by the server
-        assert json.loads(body)["error"] == "invalid_flow_control"
+    # a control character in any header value is refused by flowgate's server before routing (bad_request);
+    # a plain ASGI server may pass it on, and then the router refuses the key
+    expected = "bad_request" if "\x01" in bad_key else "invalid_flow_control"
+    if headers.get("content-type") == "application/json":
+        assert json.loads(body)["error"] == expected
 
 
 async def test_400_missing_key_part_names_the_header(upstream: Upstream, key: str) -> None:

@@ -8,6 +8,7 @@ import contextlib
 from typing import Any
 
 import aiohttp
+import pytest
 
 from gateway.engine import Lease
 from gateway.rules import Rule
@@ -45,8 +46,11 @@ async def test_released_after_success_error_and_timeout(upstream: Upstream, stor
         assert gateway.controller.held == 0
 
 
-async def test_client_gone_while_waiting_is_never_forwarded(upstream: Upstream, store_uri: str, key: str) -> None:
-    async with running_gateway(upstream.url, store_uri) as gateway:
+@pytest.mark.parametrize("http", ["flowgate", "httptools"])  # disconnect reported by the server, or by receive()
+async def test_client_gone_while_waiting_is_never_forwarded(
+    upstream: Upstream, store_uri: str, key: str, http: str
+) -> None:
+    async with running_gateway(upstream.url, store_uri, http=http) as gateway:
         first = asyncio.create_task(get(f"{gateway.url}/first?sleep=0.6", fc(key)))
         await eventually(lambda: upstream.app.in_flight(key) == 1)
         request = (
@@ -62,8 +66,11 @@ async def test_client_gone_while_waiting_is_never_forwarded(upstream: Upstream, 
         assert gateway.controller.held == 0
 
 
-async def test_client_gone_mid_download_aborts_upstream(upstream: Upstream, store_uri: str, key: str) -> None:
-    async with running_gateway(upstream.url, store_uri) as gateway:
+@pytest.mark.parametrize("http", ["flowgate", "httptools"])
+async def test_client_gone_mid_download_aborts_upstream(
+    upstream: Upstream, store_uri: str, key: str, http: str
+) -> None:
+    async with running_gateway(upstream.url, store_uri, http=http) as gateway:
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
         writer.write(
             f"GET /drip?drip=400 HTTP/1.1\r\nHost: gw\r\nFlow-Control-Key: {key}\r\n"

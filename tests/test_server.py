@@ -182,3 +182,21 @@ async def test_a_failed_app_startup_is_a_clean_error() -> None:
     with pytest.raises(RuntimeError, match="the app's startup failed"):
         await server.start(sock)
     sock.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.server.ADMIN_KEEP_ALIVE", 0.3)
+    async with serving(echo_app) as url:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        started = asyncio.get_running_loop().time()
+        for _ in range(3):  # each request moves the idle deadline on
+            writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            data = b""
+            while not response_complete(data):
+                data += await reader.read(65536)
+            assert data.startswith(b"HTTP/1.1 200 ")
+            await asyncio.sleep(0.2)
+        async with asyncio.timeout(2):
+            assert await reader.read(1) == b""  # closed by the server
+        assert asyncio.get_running_loop().time() - started >= 0.4 + 0.3 - 0.05  # the last request came at 0.4 s
+        writer.close()

@@ -101,11 +101,12 @@ class Connection(asyncio.Protocol):
             if resp is None and self._error is None:
                 waiter: asyncio.Future[LeanResponse | None] = self.loop.create_future()
                 self._waiter = waiter
-                timer = self.loop.call_later(timeout, self._headers_timeout, waiter)
+                deadlines = self.pool.head_deadlines
+                deadlines.set(self, self.loop.time() + timeout)
                 try:
                     resp = await waiter
                 finally:
-                    timer.cancel()
+                    deadlines.drop(self)
                     if self._waiter is waiter:  # else the connection already serves the next exchange
                         self._waiter = None
         except BaseException:
@@ -168,8 +169,10 @@ class Connection(asyncio.Protocol):
             if self._waiter is waiter:
                 self._waiter = None
 
-    def _headers_timeout(self, waiter: asyncio.Future[LeanResponse | None]) -> None:
-        if not waiter.done():  # a waiter is resolved before its connection can serve another exchange
+    def headers_timeout(self) -> None:
+        """The response head did not come in time (called by the pool's `head_deadlines`)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
             self.fail(UpstreamTimeout(f"no response from upstream {self.pool.authority} within {self._timeout:g} s"))
 
     def _write_timeout(self, waiter: asyncio.Future[LeanResponse | None]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
+from gateway.deadlines import Deadlines
 from gateway.errors import UpstreamTimeout, UpstreamUnreachable
 from gateway.upstream.lean_conn import Connection
 
@@ -32,6 +33,16 @@ class Pool:
         self._waiters: collections.deque[asyncio.Future[Connection | None]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._head_deadlines: Deadlines[Connection] | None = None
+
+    @property
+    def head_deadlines(self) -> Deadlines[Connection]:
+        """Connections waiting for a response head, by deadline (one timer for all, not one per request)."""
+        deadlines = self._head_deadlines
+        if deadlines is None:
+            loop = self._loop or asyncio.get_running_loop()
+            deadlines = self._head_deadlines = Deadlines(loop, Connection.headers_timeout, resolution=0.01)
+        return deadlines
 
     @property
     def idle_count(self) -> int:
@@ -162,6 +173,8 @@ class Pool:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._head_deadlines is not None:
+            self._head_deadlines.close()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
