@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, cast
 
 import httptools
@@ -97,6 +97,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_bytes = 0
         self._head_fields = 0
+        self._has_host = False
         self._reading_head = False
         self._pending = 0  # bytes received for a head that is still incomplete
         self._deadline: int = _NONE  # which deadline of this connection is set in `_deadlines(loop)`
@@ -145,6 +146,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = self._head_fields = self._pending = 0
+        self._has_host = False
         self._reading_head = True
         if self._deadline != _HEAD:
             self._arm_head_timer()
@@ -161,6 +163,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             raise _Refusal(431, "headers_too_large", f"the request has more than {self.max_header_fields} headers")
         if self._head_bytes > self.max_header_bytes:
             raise _Refusal(431, "headers_too_large", f"the request headers exceed {self.max_header_bytes} bytes")
+        if len(name) == 4 and name.lower() == b"host":
+            self._has_host = True
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -168,7 +172,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm_head_timer()
         if self.parser.get_method() == b"CONNECT":
             raise _Refusal(405, "method_not_allowed", "CONNECT is not supported by this reverse proxy", _ALLOW)
-        if self.parser.get_http_version() == "1.1" and not any(name == b"host" for name, _ in self.headers):
+        if not self._has_host and self.parser.get_http_version() == "1.1":
             raise _Refusal(400, "missing_host", "an HTTP/1.1 request needs a Host header")
         super().on_headers_complete()
         cycle = self.cycle
@@ -255,15 +259,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 
 class _LingeringTransport:
-    """The connection's transport as uvicorn sees it. Its `close()` lingers (see `_linger`) when a response
-    ended before the request body was read: a 413, or a 408 body_timeout, answered with `Connection: close`
-    while the client may still be sending. Every other call goes to the real transport."""
+    """The connection's transport as uvicorn sees it.
+
+    Writes made in one event-loop tick go out as one (a response's head and a body that is already there:
+    one send instead of two). Its `close()` lingers (see `_linger`) when a response ended before the request
+    body was read: a 413, or a 408 body_timeout, answered with `Connection: close` while the client may still
+    be sending. Every other call goes to the real transport.
+    """
 
     def __init__(self, transport: asyncio.Transport, protocol: LimitedHttpToolsProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        self._pending: list[bytes] | None = None
         # the calls of every request, bound once (not looked up through __getattr__ each time)
-        self.write = transport.write
         self.is_closing = transport.is_closing
         self.pause_reading = transport.pause_reading
         self.resume_reading = transport.resume_reading
@@ -271,7 +279,36 @@ class _LingeringTransport:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
+    def write(self, data: bytes) -> None:
+        pending = self._pending
+        if pending is None:
+            self._pending = [data]
+            self._protocol.loop.call_soon(self._flush)
+        else:
+            pending.append(data)
+
+    def writelines(self, chunks: Iterable[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            if len(pending) == 1:
+                self._transport.write(pending[0])
+            else:
+                self._transport.writelines(pending)
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._pending = None
+        self._transport.abort()
+
     def close(self) -> None:
+        self._flush()
         cycle = self._protocol.cycle
         transport = self._transport
         if (
