@@ -1,15 +1,20 @@
 """Proxy benchmark: one run, side by side, wrk on loopback; results appended to benchmarks/RESULTS.md.
 
-    python benchmarks/proxy.py [--duration 5] [--connections 64] [--no-write]
+    python benchmarks/proxy.py [--duration 5] [--connections 64] [--no-profile] [--no-write]
 
 Rows (all against the same upstream, an nginx worker answering a static 3-byte body):
 upstream direct · nginx proxy_pass with keepalive · naive Starlette+aiohttp proxy (also with two Redis calls per
-request) · naive Starlette+httpx proxy · Flowgate passthrough · Flowgate with a flow-controlled key (parallelism 64,
-so the limit never throttles) on memory:// and redis:// (its own redis-server), under uvicorn and granian.
+request) · naive Starlette+httpx proxy · `flowgate serve` (what ships: uvicorn with Flowgate's protocol, one
+worker) passing through, and with a flow-controlled key (parallelism 64, so the limit never throttles) on
+memory:// and redis:// (its own redis-server), with the lean and the aiohttp upstream clients · the same proxy
+as a plain ASGI app under stock uvicorn and under granian (the server comparison).
+Each Python row also reports the gateway process's CPU time per request (from /proc). With profiling on, py-spy
+samples `flowgate serve` on redis:// during its row and the report says where that CPU time goes.
 Then latency at a fixed 1,000 req/s (open loop, from scheduled send time): direct vs Flowgate; and a
 flow-controlled run (parallelism 8, rate 2,000/s) against a recording upstream, reporting achieved rate, the
 most calls in flight and the most starts in any 1 s window the upstream saw (violations must be 0).
-Every process is started here and stopped by its pid. wrk and nginx are installed with apt-get when missing.
+Every process is started here and stopped by its pid. wrk and nginx are installed with apt-get when missing,
+granian and py-spy (the `bench` extra) with pip.
 """
 
 from __future__ import annotations
@@ -56,6 +61,13 @@ def ensure_tools() -> None:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env, stdout=subprocess.DEVNULL)
+    if not all(os.path.exists(venv_tool(name)) for name in ("granian", "py-spy")):
+        print("installing the bench extra (granian, py-spy) with pip", flush=True)
+        subprocess.run([PYTHON, "-m", "pip", "install", "-q", "-e", f"{ROOT}[bench]"], check=True)
+
+
+def venv_tool(name: str) -> str:
+    return os.path.join(os.path.dirname(PYTHON), name)
 
 
 def nginx_binary() -> str:
@@ -132,8 +144,8 @@ def uvicorn_args(target: str, port: int, factory: bool = True) -> list[str]:
 
 
 def granian_args(target: str, port: int) -> list[str]:
-    granian = os.path.join(os.path.dirname(PYTHON), "granian")
-    args = [granian, "--interface", "asgi", "--factory", target, "--host", "127.0.0.1", "--port", str(port)]
+    args = [venv_tool("granian"), "--interface", "asgi", "--factory", target]
+    args += ["--host", "127.0.0.1", "--port", str(port)]
     return [*args, "--loop", "uvloop", "--no-ws", "--log-level", "warning", "--backlog", "4096"]
 
 
@@ -143,6 +155,17 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us: float | None = None  # the proxy process's CPU time per request
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of `pid` and its child processes (granian serves from a child)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{pid}/children") as handle:
+        total += sum(cpu_seconds(int(child)) for child in handle.read().split())
+    return total
 
 
 def wrk(url: str, duration: float, connections: int) -> WrkResult:
@@ -161,9 +184,76 @@ def _ms(text: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def measure(url: str, duration: float, connections: int) -> WrkResult:
+def measure(url: str, duration: float, connections: int, pid: int | None = None) -> WrkResult:
+    with urllib.request.urlopen(url, timeout=10) as response:  # one request alone first: lazy set-up done
+        response.read()
     wrk(url, 1, connections)  # warm up: pools filled, code paths hot
-    return wrk(url, duration, connections)
+    before = cpu_seconds(pid) if pid else 0.0
+    result = wrk(url, duration, connections)
+    if pid and result.rps:
+        result.cpu_us = (cpu_seconds(pid) - before) / (result.rps * duration) * 1e6
+    return result
+
+
+@contextlib.contextmanager
+def flowgate_serve(
+    port: int, upstream: str, store: str, rules: list[dict[str, object]], client: str, workdir: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`flowgate serve` as users run it (one worker), with `rules` in its TOML config."""
+    path = os.path.join(workdir, f"flowgate-{port}.toml")
+    lines = [
+        f'upstream = "{upstream}"',
+        f'store = "{store}"',
+        f"port = {port}",
+        f"admin_port = {free_port()}",
+        'log_level = "warning"',
+        f'upstream_client = "{client}"',
+    ]
+    for index, rule in enumerate(rules):
+        lines += ["[[rules]]", f'name = "r{index}"', *(f"{name} = {json.dumps(value)}" for name, value in rule.items())]
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    with process([venv_tool("flowgate"), "serve", "--config", path], port) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def py_spy(pid: int, duration: float, out: str) -> Iterator[None]:
+    """Sample `pid` with py-spy (raw collapsed stacks to `out`) while the block runs."""
+    args = [venv_tool("py-spy"), "record", "-p", str(pid), "-d", str(int(duration)), "-r", "250", "-f", "raw"]
+    spy = subprocess.Popen([*args, "-o", out, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        spy.wait(duration + 30)
+
+
+#: Where a sample's innermost frame is decides its share (first match wins).
+COMPONENTS = [
+    ("HTTP server: uvicorn's protocol + gateway/server.py", ("uvicorn/", "gateway/server.py", "gateway/deadlines.py")),
+    ("upstream client: gateway/upstream", ("gateway/upstream/",)),
+    ("proxy: gateway/proxy.py, inbox, rules, http",
+     ("gateway/proxy.py", "gateway/inbox.py", "gateway/rules.py", "gateway/http.py", "gateway/metrics.py")),
+    ("engine + store: gateway/engine.py, gateway/stores",
+     ("gateway/engine.py", "gateway/stores/", "gateway/policy.py")),
+    ("redis-py + hiredis", ("redis/", "hiredis")),
+    ("event loop: uvloop's C loop and socket I/O", ("asyncio/runners.py",)),
+    ("asyncio: tasks, futures, streams, locks", ("asyncio/", "_weakrefset", "weakref.py")),
+]  # fmt: skip
+
+
+def components(raw_profile: str) -> list[tuple[str, float]]:
+    """Shares of the samples in py-spy's raw output, by the component of the innermost frame."""
+    counts: dict[str, int] = {}
+    total = 0
+    with open(raw_profile) as handle:
+        for line in handle:
+            stack, _, count = line.rstrip().rpartition(" ")
+            innermost = stack.rsplit(";", 1)[-1]
+            name = next((name for name, marks in COMPONENTS if any(mark in innermost for mark in marks)), "other")
+            counts[name] = counts.get(name, 0) + int(count)
+            total += int(count)
+    return sorted(((name, count / total) for name, count in counts.items()), key=lambda item: -item[1])
 
 
 async def fixed_rate(
@@ -227,6 +317,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy breakdown")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     options = parser.parse_args()
     ensure_tools()
@@ -234,14 +325,17 @@ def main() -> None:
     rows: list[tuple[str, WrkResult]] = []
     latency_rows: list[tuple[str, float, float, int]] = []
     flow_rows: list[str] = []
+    profile: list[tuple[str, float]] = []
     started = time.monotonic()
     bench_rules: list[dict[str, object]] = [{"key": "bench", "path": "/", "parallelism": 64}]
 
-    def run(name: str, port: int) -> None:
-        result = measure(f"http://127.0.0.1:{port}/", duration, conns)
+    def run(name: str, port: int, pid: int | None = None) -> WrkResult:
+        result = measure(f"http://127.0.0.1:{port}/", duration, conns, pid)
         rows.append((name, result))
-        summary = f"{result.rps:>9.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
-        print(f"{name:<52} {summary}", flush=True)
+        cpu = f"  {result.cpu_us:5.1f} us CPU/req" if result.cpu_us else ""
+        summary = f"{result.rps:>9.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms{cpu}"
+        print(f"{name:<60} {summary}", flush=True)
+        return result
 
     with tempfile.TemporaryDirectory(prefix="flowgate-bench-") as workdir, redis_server() as redis:
         up_port = free_port()
@@ -258,26 +352,38 @@ def main() -> None:
                 ("naive Starlette + httpx", "benchmarks.apps:naive_httpx"),
             ]:
                 port = free_port()
-                with process(uvicorn_args(target, port), port, env):
-                    run(name, port)
-            variants = [
-                ("Flowgate passthrough, uvicorn, lean client", "memory://", [], "uvicorn", "lean"),
-                ("Flowgate memory:// p=64, uvicorn, aiohttp client", "memory://", bench_rules, "uvicorn", "aiohttp"),
-                ("Flowgate memory:// p=64, uvicorn, lean client", "memory://", bench_rules, "uvicorn", "lean"),
-                ("Flowgate memory:// p=64, granian, lean client", "memory://", bench_rules, "granian", "lean"),
-                ("Flowgate redis:// p=64, uvicorn, aiohttp client", redis.url, bench_rules, "uvicorn", "aiohttp"),
-                ("Flowgate redis:// p=64, uvicorn, lean client", redis.url, bench_rules, "uvicorn", "lean"),
-                ("Flowgate redis:// p=64, granian, lean client", redis.url, bench_rules, "granian", "lean"),
+                with process(uvicorn_args(target, port), port, env) as proc:
+                    run(name, port, proc.pid)
+            served = [
+                ("flowgate serve, passthrough, lean client", "memory://", [], "lean"),
+                ("flowgate serve, memory:// p=64, lean client", "memory://", bench_rules, "lean"),
+                ("flowgate serve, memory:// p=64, aiohttp client", "memory://", bench_rules, "aiohttp"),
+                ("flowgate serve, redis:// p=64, lean client", redis.url, bench_rules, "lean"),
+                ("flowgate serve, redis:// p=64, aiohttp client", redis.url, bench_rules, "aiohttp"),
             ]
-            for name, store, rules, server, client in variants:
+            for name, store, rules, client in served:
+                port = free_port()
+                with flowgate_serve(port, upstream, store, rules, client, workdir) as proc:
+                    profiled = not options.no_profile and store != "memory://" and client == "lean"
+                    if profiled:
+                        raw = os.path.join(workdir, "profile.txt")
+                        with py_spy(proc.pid, duration + 1, raw):
+                            run(name, port, proc.pid)
+                        profile = components(raw)
+                    else:
+                        run(name, port, proc.pid)
+                    if rules and client == "lean":
+                        p50, p99, errors = asyncio.run(fixed_rate(port, "/", 1000, duration))
+                        latency_rows.append((name, p50, p99, errors))
+            for name, server in [
+                ("ProxyApp as a plain ASGI app, memory:// p=64, stock uvicorn", "uvicorn"),
+                ("ProxyApp as a plain ASGI app, memory:// p=64, granian", "granian"),
+            ]:
                 port = free_port()
                 target = "tests.gateway_app:create_app"
                 args = uvicorn_args(target, port) if server == "uvicorn" else granian_args(target, port)
-                with process(args, port, flowgate_env(upstream, store, rules, client)):
-                    run(name, port)
-                    if server == "uvicorn" and rules and client == "lean":
-                        p50, p99, errors = asyncio.run(fixed_rate(port, "/", 1000, duration))
-                        latency_rows.append((name, p50, p99, errors))
+                with process(args, port, flowgate_env(upstream, "memory://", bench_rules, "lean")) as proc:
+                    run(name, port, proc.pid)
             p50, p99, errors = asyncio.run(fixed_rate(up_port, "/", 1000, duration))
             latency_rows.insert(0, ("upstream direct", p50, p99, errors))
 
@@ -287,8 +393,7 @@ def main() -> None:
             fc_rules: list[dict[str, object]] = [{"key": "fc", "path": "/", "parallelism": 8, "rate": 2000}]
             for store_name, store in (("memory://", "memory://"), ("redis://", redis.url)):
                 port = free_port()
-                with process(uvicorn_args("tests.gateway_app:create_app", port), port,
-                             flowgate_env(recorder_url, store, fc_rules)):  # fmt: skip
+                with flowgate_serve(port, recorder_url, store, fc_rules, "lean", workdir):
                     get_json(f"{recorder_url}/__reset")
                     result = wrk(f"http://127.0.0.1:{port}/fc?sleep=0.002", duration, conns)
                     stats = get_json(f"{recorder_url}/__stats?period=1&slack=0.03")
@@ -302,7 +407,7 @@ def main() -> None:
                       f"{in_window}, violations {violations}", flush=True)  # fmt: skip
 
     elapsed = time.monotonic() - started
-    report = render(rows, latency_rows, flow_rows, duration, conns, elapsed)
+    report = render(rows, latency_rows, flow_rows, profile, duration, conns, elapsed)
     print(report)
     if not options.no_write:
         with open(RESULTS, "a") as handle:
@@ -314,6 +419,7 @@ def render(
     rows: list[tuple[str, WrkResult]],
     latency_rows: list[tuple[str, float, float, int]],
     flow_rows: list[str],
+    profile: list[tuple[str, float]],
     duration: float,
     conns: int,
     elapsed: float,
@@ -326,14 +432,27 @@ def render(
         f"`python benchmarks/proxy.py`: wrk -t1 -c{conns} -d{duration:g}s on loopback, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}; upstream = one nginx worker answering `ok`; every proxy one process. "
         f"Run took {elapsed:.0f}s.\n",
-        "| row | req/s | p50 | p99 | x nginx proxy_pass | x naive+2 Redis | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| row | req/s | p50 | p99 | x nginx proxy_pass | x naive+2 Redis | CPU µs/req | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, result in rows:
+        cpu = f"{result.cpu_us:.0f}" if result.cpu_us else "—"
         lines.append(
             f"| {name} | {result.rps:,.0f} | {result.p50_ms:.2f} ms | {result.p99_ms:.2f} ms | "
-            f"{result.rps / nginx_rps:.3f} | {result.rps / naive_redis:.2f} | {result.errors} |"
+            f"{result.rps / nginx_rps:.3f} | {result.rps / naive_redis:.2f} | {cpu} | {result.errors} |"
         )
+    if profile:
+        served = next(result for name, result in rows if name.startswith("flowgate serve, redis:// p=64, lean"))
+        lines += [
+            "",
+            f"Where `flowgate serve` on redis:// (lean client) spends its {served.cpu_us or 0:.0f} µs of CPU per "
+            "request: py-spy samples (250/s, during that row) by the component of the innermost Python frame. "
+            "A C call (a socket write, a task switch) counts where Python called it.",
+            "",
+            "| component | share | µs/req |",
+            "|---|---:|---:|",
+            *(f"| {name} | {share:.0%} | {share * (served.cpu_us or 0):.0f} |" for name, share in profile),
+        ]
     direct = latency_rows[0]
     lines += [
         "",
