@@ -5,9 +5,12 @@ how error replies map to the store's errors."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -207,6 +210,51 @@ async def test_a_wrong_password_is_store_unavailable(password_redis: RedisServer
         with pytest.raises(StoreUnavailable):
             await store.enter("denied", Policy(parallelism=1), "a", "o", 30)
     finally:
+        await store.close()
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, Path]]:
+    """A redis-server speaking only TLS, with a certificate for 127.0.0.1 from a throwaway CA."""
+    if redis_binary() is None or shutil.which("openssl") is None:
+        pytest.skip("redis-server or openssl is not installed")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, capture_output=True, check=True, timeout=60)
+
+    key = ["-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=test CA")
+    openssl("req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=test server")
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    sign = ["-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.cnf", "-days", "1"]
+    openssl("x509", "-req", "-in", "server.csr", *sign, "-out", "server.crt")
+    port = free_port()
+    extra = ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+    extra += ["--tls-cert-file", "server.crt", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt"]
+    server = RedisServer(port, str(tmp_path), extra)
+    try:
+        server.start()
+    except RuntimeError:
+        pytest.skip("this redis-server has no TLS support")
+    try:
+        yield server, tmp_path / "ca.crt"
+    finally:
+        server.kill()
+
+
+async def test_rediss_verifies_the_certificate(tls_redis: tuple[RedisServer, Path], monkeypatch: Any) -> None:
+    server, ca = tls_redis
+    url = f"rediss://127.0.0.1:{server.port}/0"
+    untrusting = open_store(url)  # built before the CA is trusted: the certificate check fails
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    store = open_store(url)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await untrusting.enter("tls", Policy(parallelism=1), "a", "o", 30)
+        assert await store.enter("tls", Policy(parallelism=1), "a", "o", 30) == Admitted("a")
+        assert await store.release("tls", "a")
+    finally:
+        await untrusting.close()
         await store.close()
 
 
