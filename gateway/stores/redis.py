@@ -6,6 +6,9 @@ are pushed to that instance's inbox list (`fc:inst:{I}`), which it reads with BL
 Cluster the inbox lives in another slot than the flow key, so the push is a second step; a push lost to a
 crash is recovered by the owner's safety re-check (`pump`), and an admission nobody picks up frees its token
 after a short pickup TTL.
+
+On a single node the batched operations (the hot path) travel on a lean pipelined RESP client (resp.py);
+everything else, and Redis Cluster, goes through redis-py.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class _Pending:
     deliver: Deliver
     deadline: float
     script: Script | None = None  # set for EVALSHA: re-sent as EVAL on NOSCRIPT
-    args: Sequence[Any] = ()
+    command: tuple[Any, ...] = ()
 
 
 class RespConnection(asyncio.Protocol):
@@ -69,7 +69,7 @@ class RespConnection(asyncio.Protocol):
 
     def send(self, command: tuple[Any, ...], deliver: Deliver, script: Script | None = None) -> None:
         payload = hiredis.pack_command(command)
-        self._pending.append(_Pending(deliver, self.loop.time() + self._timeout, script, command[2:]))
+        self._pending.append(_Pending(deliver, self.loop.time() + self._timeout, script, command))
         if self._writable:
             assert self._transport is not None
             self._transport.write(payload)
@@ -112,7 +112,7 @@ class RespConnection(asyncio.Protocol):
                 return
             call = pending.popleft()
             if isinstance(reply, NoScriptError) and call.script is not None:
-                self.send(("EVAL", call.script.body, *call.args), call.deliver)  # loads the script too
+                self.send(("EVAL", call.script.body, *call.command[2:]), call.deliver)  # loads the script too
                 continue
             call.deliver(reply)
             if self.closed:
