@@ -6,6 +6,9 @@ are pushed to that instance's inbox list (`fc:inst:{I}`), which it reads with BL
 Cluster the inbox lives in another slot than the flow key, so the push is a second step; a push lost to a
 crash is recovered by the owner's safety re-check (`pump`), and an admission nobody picks up frees its token
 after a short pickup TTL.
+
+On a single node the batched operations (the hot path) travel on a lean pipelined RESP client (resp.py);
+everything else, and Redis Cluster, goes through redis-py.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -43,7 +47,8 @@ from .base import (
     Store,
     TicketStatus,
 )
-from .batching import ScriptBatcher
+from .batching import PipelinedBatcher, RedisPyBatcher, ScriptBatcher
+from .resp import RespClient
 
 DEFAULT_PICKUP_TTL = 10.0
 DEFAULT_SOCKET_TIMEOUT = 2.0
@@ -121,9 +126,7 @@ class RedisStore(Store):
         self._client = self._make_client(socket_timeout)
         self._inbox_client: Any = None
         self._scripts = {name: self._client.register_script(scripts.script(name)) for name in scripts.OPERATIONS}
-        self._batcher = ScriptBatcher(
-            self._scripts, self._client.register_script(scripts.batch_script()), self._slot_of(), self._unavailable
-        )
+        self._batcher = self._make_batcher()
         self._listeners: dict[str, AdmitCallback] = {}
         self._local: dict[str, _Local] = {}
         # Tickets a pump found admitted before their wake-up came (taken over): their wake-up, if it still
@@ -156,6 +159,30 @@ class RedisStore(Store):
             max_connections=MAX_CONNECTIONS,
         )
         return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
+
+    def _make_batcher(self) -> ScriptBatcher:
+        """The hot path: the operations of each tick, pipelined on one connection of the lean RESP client."""
+        uri = self.uri
+        host, port = uri.nodes[0]
+        client = RespClient(
+            host,
+            port,
+            db=uri.db,
+            username=uri.username,
+            password=uri.password,
+            ssl_context=self._ssl_context(),
+            timeout=self._socket_timeout,
+        )
+        bodies = {name: scripts.script(name) for name in scripts.BATCHED}
+        return PipelinedBatcher(client, bodies, scripts.batch_script(), self._unavailable)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """For rediss://, the TLS settings of redis-py's pool (certificate and host name verified)."""
+        if not self.uri.tls:
+            return None
+        connection = _SSLConnection(**self._client.connection_pool.connection_kwargs)
+        context: ssl.SSLContext = connection.ssl_context.get()
+        return context
 
     # -- subscriptions and wake-ups ------------------------------------------------------------------------------
 
@@ -230,9 +257,6 @@ class RedisStore(Store):
             await self._client.pexpire(inbox, INBOX_TTL_MS)
 
     # -- operations ----------------------------------------------------------------------------------------------
-
-    def _slot_of(self) -> Callable[[str], int] | None:
-        return None  # one node: every flow key can share a batch
 
     def _unavailable(self, exc: BaseException) -> BaseException:
         """Translate a redis-py error; an outage becomes StoreUnavailable (503), a script bug stays as it is."""
@@ -480,6 +504,7 @@ class RedisStore(Store):
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._batcher.drain()
+        await self._batcher.aclose()
         with contextlib.suppress(*_UNAVAILABLE):
             await self._client.aclose()
         self._listeners.clear()
@@ -533,8 +558,9 @@ class RedisClusterStore(RedisStore):
     """`redis+cluster://host:port[,host:port…]`: the same scripts; only the client differs, and batches are
     grouped by hash slot."""
 
-    def _slot_of(self) -> Callable[[str], int] | None:
-        return lambda name: key_slot(name.encode())
+    def _make_batcher(self) -> ScriptBatcher:
+        batch = self._client.register_script(scripts.batch_script())
+        return RedisPyBatcher(self._scripts, batch, lambda name: key_slot(name.encode()), self._unavailable)
 
     def _make_client(self, socket_timeout: float) -> Any:
         uri = self.uri
