@@ -501,6 +501,7 @@ class RedisStore(Store):
         if self._inbox_task is not None:
             await asyncio.wait({self._inbox_task}, timeout=1.0)
             self._inbox_task = None
+        self._flush_index()  # keys created this tick: their SADD goes out now, not after the client closed
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._batcher.drain()
