@@ -122,6 +122,7 @@ class RedisStore(Store):
         self._pruned_at = float("-inf")
         self.instance = os.urandom(8).hex()
         self._pickup_ms = str(round(pickup_ttl * 1000))
+        self._lease_ms = round(pickup_ttl * 1000)  # the longest lease TTL entered: what a take-over renews to
         self._socket_timeout = socket_timeout
         self._client = self._make_client(socket_timeout)
         self._inbox_client: Any = None
@@ -293,14 +294,10 @@ class RedisStore(Store):
                 known[key] = None
                 if len(known) > KNOWN_KEYS:
                     known.popitem(last=False)
+        lease_ms = round(lease_ttl * 1000)
+        self._lease_ms = max(self._lease_ms, lease_ms)
         self._local[ticket] = _Local(owner, lease_ttl)
-        args = [
-            ticket,
-            self.instance,
-            round(lease_ttl * 1000),
-            self._pickup_ms,
-            *_policy_args(policy),
-        ]
+        args = [ticket, self.instance, lease_ms, self._pickup_ms, *_policy_args(policy)]
         try:
             reply = await self._call("enter", key, args)
         except BaseException:
@@ -360,7 +357,10 @@ class RedisStore(Store):
             await self._guard(self._client.srem(INDEX_KEY, *stale))
 
     async def pump(self, key: str, tickets: Sequence[str] = ()) -> PumpResult:
-        reply = await self._call("pump", key, [self.instance, self._pickup_ms, *tickets])
+        # An asked ticket found admitted is taken over in the same script, renewed to its full lease TTL.
+        local = self._local
+        lease_ms = max((round(local[t].lease_ttl * 1000) for t in tickets if t in local), default=self._lease_ms)
+        reply = await self._call("pump", key, [self.instance, self._pickup_ms, lease_ms, *tickets])
         recheck, letters = int(reply[0]), _text(reply[1])
         self._handoffs(key, reply[2:])  # first: a ticket this very pump admitted is woken (not taken over)
         statuses: dict[str, TicketStatus] = {}
@@ -368,12 +368,11 @@ class RedisStore(Store):
             status: TicketStatus = _STATUS[letter]  # type: ignore[assignment]
             statuses[ticket] = status
             if status != "waiting":
-                local = self._local.pop(ticket, None)
-                if status == "admitted" and local is not None:  # a lost or late wake-up: take the lease over
+                ticket_local = local.pop(ticket, None)
+                if status == "admitted" and ticket_local is not None:  # a lost or late wake-up: taken over
                     if len(self._taken) >= _MAX_TAKEN:
                         self._taken.clear()  # a bound: leases released through other instances leave entries
                     self._taken.add(ticket)
-                    self._spawn(self.renew(key, [ticket], local.lease_ttl))
         self._arm(key, recheck)
         return PumpResult(statuses, None if recheck < 0 else recheck / 1000)
 

@@ -4,11 +4,8 @@
 -- ARGV: ticket, caller owner, pickup_ms
 -- Returns {was_admitted (1/0), recheck ms or -1 (see release.lua), handoff ticket, owner, ...}.
 local out = {0, -1}
-if redis.call('ZREM', W, ARGV[1]) == 1 then
-  redis.call('HDEL', T, ARGV[1])
-else
-  out[1] = redis.call('ZREM', L, ARGV[1])
-end
+if redis.call('ZREM', W, ARGV[1]) == 0 then out[1] = redis.call('ZREM', L, ARGV[1]) end
+redis.call('HDEL', T, ARGV[1]) -- its waitlist entry, or its pickup mark
 if redis.call('EXISTS', W) == 1 then
   local now = now_ms()
   local pol = policy()

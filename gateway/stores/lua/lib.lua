@@ -4,10 +4,12 @@
 --   L fc:{K}:l  zset   lease id -> expires at (ms)
 --   S fc:{K}:s  zset   start id -> started at (ms): the sliding window of starts
 --   W fc:{K}:w  zset   ticket id -> arrival sequence (FIFO waitlist)
---   T fc:{K}:t  hash   ticket id -> "owner deadline_ms lease_ttl_ms"
+--   T fc:{K}:t  hash   ticket id -> "owner deadline_ms lease_ttl_ms" while it waits; PICKUP once admitted for
+--                      another instance, until that owner picks the lease up (renews it) or it goes
 -- Numbers: -1 means unlimited. Time comes from the server only.
 local P, L, S, W, T
 local IDLE_MS = 120000 -- state outlives its last use by this much (plus the longest period, lease or wait)
+local PICKUP = 'pickup' -- T's mark of an admission its owner (another instance) has not picked up yet
 
 local function bind(keys, base)
   P, L, S, W, T = keys[base + 1], keys[base + 2], keys[base + 3], keys[base + 4], keys[base + 5]
@@ -38,10 +40,33 @@ local function policy()
   return policy_of(redis.call('HMGET', P, unpack(POLICY_FIELDS)))
 end
 
--- Drop expired leases and starts that left the window.
+-- Drop expired leases (with the pickup marks of those never picked up) and starts that left the window.
 local function trim(pol, now)
-  redis.call('ZREMRANGEBYSCORE', L, '-inf', now)
+  local expired = redis.call('ZRANGEBYSCORE', L, '-inf', now)
+  if #expired > 0 then
+    redis.call('ZREMRANGEBYSCORE', L, '-inf', now)
+    for _, id in ipairs(expired) do redis.call('HDEL', T, id) end
+  end
   if pol.rate > 0 then redis.call('ZREMRANGEBYSCORE', S, '-inf', now - pol.per) end
+end
+
+-- Push a live lease's expiry to now + ttl: its owner holds it (an admission awaiting pickup is picked up).
+-- False when the lease is unknown or expired.
+local function extend(id, ttl, now)
+  local score = redis.call('ZSCORE', L, id)
+  if not score or tonumber(score) <= now then return false end
+  redis.call('ZADD', L, 'XX', now + ttl, id)
+  redis.call('HDEL', T, id)
+  return true
+end
+
+-- Keep the lease set (and the policy with it) at least as long as a lease of `ttl` ms can live.
+local function keep_leases(ttl)
+  if redis.call('PTTL', L) < ttl + IDLE_MS then
+    redis.call('PEXPIRE', L, ttl + IDLE_MS)
+    local pol = policy()
+    if not (pol.paused or pol.pinned) then redis.call('PEXPIRE', P, ttl + IDLE_MS + pol.mwt) end
+  end
 end
 
 -- 0 when a start may happen now; else ms until the window or a lease expiry may allow one; -1: only an
@@ -78,8 +103,9 @@ local function start(pol, id, ttl, now)
 end
 
 -- Admit head tickets while a token and a rate slot are free. Tickets past their deadline are dropped
--- (their owner gave up or died). Tickets of other owners get a short pickup TTL: their owner renews the
--- lease when the wake-up reaches it, so an admission nobody picks up frees its token soon.
+-- (their owner gave up or died). Tickets of other owners get a short pickup TTL and a PICKUP mark: their
+-- owner renews the lease when the wake-up reaches it, so an admission nobody picks up frees its token soon;
+-- the mark tells such an admission from one its owner has picked up.
 -- Appends {ticket, owner} pairs to `out`.
 local function pump(pol, now, caller, pickup_ms, out)
   while true do
@@ -93,9 +119,13 @@ local function pump(pol, now, caller, pickup_ms, out)
     else
       if blocked_for(pol, now) ~= 0 then return end
       redis.call('ZREM', W, head)
-      redis.call('HDEL', T, head)
       ttl = tonumber(ttl)
-      if owner ~= caller then ttl = math.min(ttl, pickup_ms) end
+      if owner ~= caller then
+        ttl = math.min(ttl, pickup_ms)
+        redis.call('HSET', T, head, PICKUP)
+      else
+        redis.call('HDEL', T, head)
+      end
       start(pol, head, ttl, now)
       out[#out + 1] = head
       out[#out + 1] = owner

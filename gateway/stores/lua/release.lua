@@ -5,6 +5,7 @@
 -- pumped again because waiters remain that only time (rate window, lease expiry) will let go.
 -- Releasing twice is harmless (found = 0).
 local out = {redis.call('ZREM', L, ARGV[1]), -1}
+redis.call('HDEL', T, ARGV[1]) -- its pickup mark, if its owner never picked it up
 if redis.call('EXISTS', W) == 1 then
   local now = now_ms()
   local pol = policy()
