@@ -7,6 +7,9 @@ Cluster the inbox lives in another slot than the flow key, so the push is a seco
 crash is recovered by the owner's safety re-check (`pump`), and an admission nobody picks up frees its token
 after a short pickup TTL.
 
+The push goes only to a live instance: an admission made for a dead one (a crashed process's waiting ticket
+reaching the head) is revoked and its token goes to the next waiter at once (liveness.py).
+
 On a single node the batched operations (the hot path) travel on a lean pipelined RESP client (resp.py);
 everything else, and Redis Cluster, goes through redis-py.
 """
@@ -48,6 +51,7 @@ from .base import (
     TicketStatus,
 )
 from .batching import PipelinedBatcher, RedisPyBatcher, ScriptBatcher
+from .liveness import Liveness, inbox_key
 from .resp import RespClient
 
 DEFAULT_PICKUP_TTL = 10.0
@@ -57,7 +61,6 @@ DEFAULT_SOCKET_TIMEOUT = 2.0
 #: batches in flight than that (seen under S1's 200 clients on 2 cores).
 MAX_CONNECTIONS = 1024
 INBOX_BLOCK = 5  # seconds one BLPOP waits before it is re-issued
-INBOX_TTL_MS = 60_000
 INDEX_KEY = "fc:keys"
 KNOWN_KEYS = 4096  # keys an instance remembers as live, skipping the max_keys check (bounds the overshoot)
 PRUNE_EVERY = 10.0  # seconds between two prunings of the key index by one instance, once it reaches max_keys
@@ -127,6 +130,15 @@ class RedisStore(Store):
         self._client = self._make_client(socket_timeout)
         self._inbox_client: Any = None
         self._scripts = {name: self._client.register_script(scripts.script(name)) for name in scripts.OPERATIONS}
+        self._liveness = Liveness(
+            self._client,
+            self._client.register_script(scripts.instance_script("wake")),
+            self.instance,
+            int(self._pickup_ms),
+            guard=self._guard,
+            revoke=lambda key, ticket: self._spawn(self._revoke(key, ticket)),
+            spawn=self._spawn,
+        )
         self._batcher = self._make_batcher()
         self._listeners: dict[str, AdmitCallback] = {}
         self._local: dict[str, _Local] = {}
@@ -194,7 +206,7 @@ class RedisStore(Store):
         self._listeners.pop(owner, None)
 
     def _inbox(self) -> str:
-        return f"fc:inst:{{{self.instance}}}"
+        return inbox_key(self.instance)
 
     def _ensure_inbox(self) -> None:
         if self._inbox_task is None or self._inbox_task.done():
@@ -252,10 +264,19 @@ class RedisStore(Store):
             listener(key, ticket)
 
     async def _push(self, key: str, remote: list[tuple[str, str]]) -> None:
+        """Wake the owners of admitted tickets through their inboxes (one call per owner); the admissions of an
+        owner that is gone are revoked."""
+        by_instance: dict[str, list[str]] = {}
         for ticket, instance in remote:
-            inbox = f"fc:inst:{{{instance}}}"
-            await self._client.rpush(inbox, f"{ticket} {key}")
-            await self._client.pexpire(inbox, INBOX_TTL_MS)
+            by_instance.setdefault(instance, []).append(ticket)
+        for instance, tickets in by_instance.items():
+            await self._liveness.wake(key, instance, tickets)
+
+    async def _revoke(self, key: str, ticket: str) -> None:
+        """Take back an admission made for a dead instance (unless it picked it up); its token goes on at once."""
+        reply = await self._call("revoke", key, [ticket, self.instance, self._pickup_ms])
+        self._handoffs(key, reply[2:])
+        self._arm(key, int(reply[1]))
 
     # -- operations ----------------------------------------------------------------------------------------------
 
@@ -296,6 +317,8 @@ class RedisStore(Store):
                     known.popitem(last=False)
         lease_ms = round(lease_ttl * 1000)
         self._lease_ms = max(self._lease_ms, lease_ms)
+        if self._liveness.needs_refresh(lease_ms):
+            await self._liveness.ensure(lease_ms)  # alive before the ticket may wait
         self._local[ticket] = _Local(owner, lease_ttl)
         args = [ticket, self.instance, lease_ms, self._pickup_ms, *_policy_args(policy)]
         try:
@@ -490,6 +513,7 @@ class RedisStore(Store):
         for _, timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        was_alive = await self._liveness.stop()
         if self._inbox_task is not None:
             self._inbox_task.cancel()
         if self._inbox_client is not None:
@@ -505,6 +529,9 @@ class RedisStore(Store):
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._batcher.drain()
         await self._batcher.aclose()
+        if was_alive:
+            with contextlib.suppress(StoreUnavailable):
+                await self._liveness.forget()
         with contextlib.suppress(*_UNAVAILABLE):
             await self._client.aclose()
         self._listeners.clear()

@@ -10,8 +10,9 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-BATCHED = ("enter", "release", "cancel", "pump", "renew")
+BATCHED = ("enter", "release", "cancel", "pump", "renew", "revoke")
 OPERATIONS = (*BATCHED, "state", "steer")
+INSTANCE_SCRIPTS = ("wake",)  # on an instance's keys (hash tag {I}), not a flow key's: no lib.lua
 KEYS_PER_OP = 5
 
 _DISPATCH = """
@@ -43,6 +44,12 @@ def _function(name: str) -> str:
 def script(name: str) -> str:
     """The standalone script of one operation."""
     return f"{_read('lib')}\n{_function(name)}bind(KEYS, 0)\nreturn op_{name}(KEYS, ARGV)\n"
+
+
+@cache
+def instance_script(name: str) -> str:
+    """A script on one instance's keys (see INSTANCE_SCRIPTS)."""
+    return _read(name)
 
 
 @cache

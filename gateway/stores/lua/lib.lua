@@ -104,8 +104,8 @@ end
 
 -- Admit head tickets while a token and a rate slot are free. Tickets past their deadline are dropped
 -- (their owner gave up or died). Tickets of other owners get a short pickup TTL and a PICKUP mark: their
--- owner renews the lease when the wake-up reaches it, so an admission nobody picks up frees its token soon;
--- the mark tells such an admission from one its owner has picked up.
+-- owner renews the lease when the wake-up reaches it, so an admission nobody picks up frees its token soon,
+-- and one whose owner is found dead can be revoked at once (revoke.lua) while the mark is there.
 -- Appends {ticket, owner} pairs to `out`.
 local function pump(pol, now, caller, pickup_ms, out)
   while true do
