@@ -107,6 +107,12 @@ async def test_an_instance_is_alive_before_its_first_ticket_waits(instances: Ins
     await controller.release(lease)
 
 
+async def test_a_tiny_lease_ttl_does_not_make_the_liveness_key_churn(instances: Instances) -> None:
+    store = instances.store()
+    await store.enter(KEY, ONE, "a" * 24, "owner", 0.01)
+    assert 200 < await store._client.pttl(alive_key(store)) <= liveness.MIN_TTL_MS  # not 10 ms, set 300 times a second
+
+
 async def test_a_closed_instance_is_no_longer_alive(instances: Instances) -> None:
     store, watcher = instances.store(), instances.store()
     await store.enter(KEY, ONE, "a" * 24, "owner", 60.0)

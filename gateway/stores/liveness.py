@@ -30,6 +30,7 @@ from ..errors import StoreUnavailable
 
 INBOX_TTL_MS = 60_000
 REFRESHES = 3  # the liveness key is set this many times per its TTL
+MIN_TTL_MS = 300  # however short the lease TTL, the key is not set more than REFRESHES times in this long
 WATCH_SLACK = 0.02  # seconds after an owner's liveness key should have run out before it is checked
 MAX_WATCHED = 100_000  # pushed admissions remembered per owner (the oldest are forgotten: the pickup TTL frees them)
 
@@ -69,7 +70,7 @@ class Liveness:
         self._wake = wake_script
         self.instance = instance
         self.pickup_ms = pickup_ms
-        self.ttl_ms = pickup_ms  # lowered to the shortest lease TTL entered
+        self.ttl_ms = max(pickup_ms, MIN_TTL_MS)  # lowered to the shortest lease TTL entered
         self._guard = guard
         self._revoke = revoke
         self._spawn = spawn
@@ -83,11 +84,11 @@ class Liveness:
 
     def needs_refresh(self, lease_ms: int) -> bool:
         """Whether `ensure` must run before a ticket with this lease TTL is entered (cheap: no I/O)."""
-        return lease_ms < self.ttl_ms or asyncio.get_running_loop().time() >= self._fresh_until
+        return max(lease_ms, MIN_TTL_MS) < self.ttl_ms or asyncio.get_running_loop().time() >= self._fresh_until
 
     async def ensure(self, lease_ms: int) -> None:
         """Be alive before a ticket is entered, and stay alive from then on. StoreUnavailable if it cannot be set."""
-        self.ttl_ms = min(self.ttl_ms, lease_ms)
+        self.ttl_ms = min(self.ttl_ms, max(lease_ms, MIN_TTL_MS))
         loop = asyncio.get_running_loop()
         if self._keeper is None or self._keeper.done():
             self._keeper = loop.create_task(self._keep())
