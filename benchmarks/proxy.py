@@ -2,7 +2,8 @@
 
     python benchmarks/proxy.py [--duration 5] [--connections 64] [--no-profile] [--no-write]
 
-Rows (all against the same upstream, an nginx worker answering a static 3-byte body):
+Rows (all against the same upstream, an nginx worker answering a static 3-byte body; nginx proxy_pass is measured
+again just before each Python row, and that row's ratio is taken against it):
 upstream direct · nginx proxy_pass with keepalive · naive Starlette+aiohttp proxy (also with two Redis calls per
 request) · naive Starlette+httpx proxy · `flowgate serve` (what ships: uvicorn with Flowgate's protocol, one
 worker) passing through, and with a flow-controlled key (parallelism 64, so the limit never throttles) on
@@ -168,6 +169,11 @@ class WrkResult:
     p99_ms: float
     errors: int
     cpu_us: float | None = None  # the proxy process's CPU time per request
+    nginx_rps: float | None = None  # nginx proxy_pass measured just before this row
+
+    def ratio(self, default_nginx: float) -> float:
+        """Times nginx proxy_pass, against the nginx run next to this one when there is one (the box's load drifts)."""
+        return self.rps / (self.nginx_rps or default_nginx)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -384,63 +390,71 @@ def main() -> None:
     started = time.monotonic()
     bench_rules: list[dict[str, object]] = [{"key": "bench", "path": "/", "parallelism": 64}]
 
+    nginx_port = free_port()
+
     def run(name: str, port: int, pid: int | None = None) -> WrkResult:
+        adjacent = wrk(f"http://127.0.0.1:{nginx_port}/", duration, conns) if pid else None
         result = measure(f"http://127.0.0.1:{port}/", duration, conns, pid)
+        result.nginx_rps = adjacent.rps if adjacent else None
         rows.append((name, result))
         cpu = f"  {result.cpu_us:5.1f} us CPU/req" if result.cpu_us else ""
-        summary = f"{result.rps:>9.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms{cpu}"
+        beside = f"  (nginx just before: {adjacent.rps:.0f})" if adjacent else ""
+        summary = f"{result.rps:>9.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms{cpu}{beside}"
         print(f"{name:<60} {summary}", flush=True)
         return result
 
-    with tempfile.TemporaryDirectory(prefix="flowgate-bench-") as workdir, redis_server() as redis:
+    with (
+        tempfile.TemporaryDirectory(prefix="flowgate-bench-") as workdir,
+        redis_server() as redis,
+        contextlib.ExitStack() as servers,
+    ):
         up_port = free_port()
-        with nginx(up_port, None, workdir):
-            upstream = f"http://127.0.0.1:{up_port}"
-            run("upstream direct (nginx static)", up_port)
+        servers.enter_context(nginx(up_port, None, workdir))
+        upstream = f"http://127.0.0.1:{up_port}"
+        run("upstream direct (nginx static)", up_port)
+        servers.enter_context(nginx(nginx_port, up_port, workdir))  # kept running: measured beside every row
+        run("nginx proxy_pass, keepalive", nginx_port)
+        env = {"BENCH_UPSTREAM": upstream, "BENCH_REDIS": redis.url}
+        for name, target in [
+            ("naive Starlette + aiohttp", "benchmarks.apps:naive_aiohttp"),
+            ("naive Starlette + aiohttp + 2 Redis calls", "benchmarks.apps:naive_aiohttp_redis"),
+            ("naive Starlette + httpx", "benchmarks.apps:naive_httpx"),
+        ]:
             port = free_port()
-            with nginx(port, up_port, workdir):
-                run("nginx proxy_pass, keepalive", port)
-            env = {"BENCH_UPSTREAM": upstream, "BENCH_REDIS": redis.url}
-            for name, target in [
-                ("naive Starlette + aiohttp", "benchmarks.apps:naive_aiohttp"),
-                ("naive Starlette + aiohttp + 2 Redis calls", "benchmarks.apps:naive_aiohttp_redis"),
-                ("naive Starlette + httpx", "benchmarks.apps:naive_httpx"),
-            ]:
-                port = free_port()
-                with process(uvicorn_args(target, port), port, env) as proc:
-                    run(name, port, proc.pid)
-            served = [
-                ("flowgate serve, passthrough, lean client", "memory://", [], "lean"),
-                ("flowgate serve, memory:// p=64, lean client", "memory://", bench_rules, "lean"),
-                ("flowgate serve, memory:// p=64, aiohttp client", "memory://", bench_rules, "aiohttp"),
-                ("flowgate serve, redis:// p=64, lean client", redis.url, bench_rules, "lean"),
-                ("flowgate serve, redis:// p=64, aiohttp client", redis.url, bench_rules, "aiohttp"),
-            ]
-            for name, store, rules, client in served:
-                port = free_port()
-                with flowgate_serve(port, upstream, store, rules, client, workdir) as proc:
-                    profiled = not options.no_profile and store != "memory://" and client == "lean"
-                    if profiled:
-                        raw = os.path.join(workdir, "profile.txt")
-                        with py_spy(proc.pid, duration + 1, raw):
-                            run(name, port, proc.pid)
-                        profile = components(raw)
-                    else:
+            with process(uvicorn_args(target, port), port, env) as proc:
+                run(name, port, proc.pid)
+        served = [
+            ("flowgate serve, passthrough, lean client", "memory://", [], "lean"),
+            ("flowgate serve, memory:// p=64, lean client", "memory://", bench_rules, "lean"),
+            ("flowgate serve, memory:// p=64, aiohttp client", "memory://", bench_rules, "aiohttp"),
+            ("flowgate serve, redis:// p=64, lean client", redis.url, bench_rules, "lean"),
+            ("flowgate serve, redis:// p=64, aiohttp client", redis.url, bench_rules, "aiohttp"),
+        ]
+        for name, store, rules, client in served:
+            port = free_port()
+            with flowgate_serve(port, upstream, store, rules, client, workdir) as proc:
+                profiled = not options.no_profile and store != "memory://" and client == "lean"
+                if profiled:
+                    raw = os.path.join(workdir, "profile.txt")
+                    with py_spy(proc.pid, duration + 1, raw):
                         run(name, port, proc.pid)
-                    if rules and client == "lean":
-                        p50, p99, errors = asyncio.run(fixed_rate(port, "/", 1000, duration))
-                        latency_rows.append((name, p50, p99, errors))
-            for name, server in [
-                ("ProxyApp as a plain ASGI app, memory:// p=64, stock uvicorn", "uvicorn"),
-                ("ProxyApp as a plain ASGI app, memory:// p=64, granian", "granian"),
-            ]:
-                port = free_port()
-                target = "tests.gateway_app:create_app"
-                args = uvicorn_args(target, port) if server == "uvicorn" else granian_args(target, port)
-                with process(args, port, flowgate_env(upstream, "memory://", bench_rules, "lean")) as proc:
+                    profile = components(raw)
+                else:
                     run(name, port, proc.pid)
-            p50, p99, errors = asyncio.run(fixed_rate(up_port, "/", 1000, duration))
-            latency_rows.insert(0, ("upstream direct", p50, p99, errors))
+                if rules and client == "lean":
+                    p50, p99, errors = asyncio.run(fixed_rate(port, "/", 1000, duration))
+                    latency_rows.append((name, p50, p99, errors))
+        for name, server in [
+            ("ProxyApp as a plain ASGI app, memory:// p=64, stock uvicorn", "uvicorn"),
+            ("ProxyApp as a plain ASGI app, memory:// p=64, granian", "granian"),
+        ]:
+            port = free_port()
+            target = "tests.gateway_app:create_app"
+            args = uvicorn_args(target, port) if server == "uvicorn" else granian_args(target, port)
+            with process(args, port, flowgate_env(upstream, "memory://", bench_rules, "lean")) as proc:
+                run(name, port, proc.pid)
+        p50, p99, errors = asyncio.run(fixed_rate(up_port, "/", 1000, duration))
+        latency_rows.insert(0, ("upstream direct", p50, p99, errors))
 
         rec_port = free_port()
         with process(uvicorn_args("benchmarks.apps:recorder", rec_port), rec_port):
@@ -483,13 +497,16 @@ def render(
     elapsed: float,
 ) -> str:
     nginx_rps = next(result.rps for name, result in rows if name.startswith("nginx"))
-    naive_redis = next(result.rps for name, result in rows if "2 Redis" in name) or float("nan")
+    naive_redis = next(result.ratio(nginx_rps) for name, result in rows if "2 Redis" in name) or float("nan")
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"\n## Proxy benchmark, {now}\n",
         f"`python benchmarks/proxy.py`: wrk -t1 -c{conns} -d{duration:g}s on loopback, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}; upstream = one nginx worker answering `ok`; every proxy one process. "
         f"Run took {elapsed:.0f}s.\n",
+        "Each Python row's ratio is against nginx proxy_pass measured just before it (the box's load drifts over a "
+        "run); `x naive+2 Redis` divides those ratios.",
+        "",
         "| row | req/s | p50 | p99 | x nginx proxy_pass | x naive+2 Redis | CPU µs/req | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -497,7 +514,7 @@ def render(
         cpu = f"{result.cpu_us:.0f}" if result.cpu_us else "—"
         lines.append(
             f"| {name} | {result.rps:,.0f} | {result.p50_ms:.2f} ms | {result.p99_ms:.2f} ms | "
-            f"{result.rps / nginx_rps:.3f} | {result.rps / naive_redis:.2f} | {cpu} | {result.errors} |"
+            f"{result.ratio(nginx_rps):.3f} | {result.ratio(nginx_rps) / naive_redis:.2f} | {cpu} | {result.errors} |"
         )
     if profile:
         served = next(result for name, result in rows if name.startswith("flowgate serve, redis:// p=64, lean"))
