@@ -109,9 +109,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._deadline != _NONE:
-            self._deadline = _NONE
-            _deadlines(self.loop).drop(self)
+        self._drop_deadline(self._deadline)
         super().connection_lost(exc)
         watched, self._on_disconnect = self._on_disconnect, None
         if watched is not None and not watched[0].response_complete:
@@ -192,7 +190,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         _deadlines(self.loop).set(self, self.loop.time() + self.head_timeout)
 
     def _disarm_head_timer(self) -> None:
-        if self._deadline == _HEAD:
+        self._drop_deadline(_HEAD)
+
+    def _drop_deadline(self, kind: int) -> None:
+        if kind != _NONE and self._deadline == kind:
             self._deadline = _NONE
             _deadlines(self.loop).drop(self)
 
@@ -211,9 +212,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             _deadlines(self.loop).set(self, self.loop.time() + self.timeout_keep_alive)
 
     def _unset_keepalive_if_required(self) -> None:
-        if self._deadline == _IDLE:
-            self._deadline = _NONE
-            _deadlines(self.loop).drop(self)
+        self._drop_deadline(_IDLE)
 
     def _on_deadline(self) -> None:
         kind, self._deadline = self._deadline, _NONE
