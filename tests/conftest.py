@@ -15,7 +15,8 @@ from tests.redis_servers import RedisServer, redis_binary, redis_cluster, redis_
 IN_CI = bool(os.environ.get("CI"))
 
 
-def _need_redis() -> None:
+def need_redis() -> None:
+    """Skip the calling test when no redis-server binary exists; in CI, fail it instead."""
     if redis_binary() is None:
         if IN_CI:
             pytest.fail("redis-server is required in CI (.ci/run installs it)")
@@ -24,7 +25,7 @@ def _need_redis() -> None:
 
 @pytest.fixture(scope="session")
 def redis_node() -> Iterator[RedisServer]:
-    _need_redis()
+    need_redis()
     with redis_server() as server:
         yield server
 
@@ -38,9 +39,17 @@ def redis_url(redis_node: RedisServer) -> str:
     return redis_node.url
 
 
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to freeze, kill and restart."""
+    need_redis()
+    with redis_server() as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def cluster_nodes() -> Iterator[list[RedisServer]]:
-    _need_redis()
+    need_redis()
     with redis_cluster() as nodes:
         yield nodes
 

@@ -24,20 +24,12 @@ from gateway.policy import Policy
 from gateway.stores import Admitted, open_store
 from gateway.stores.redis import RedisStore, key_names
 from gateway.stores.resp import RespClient, RespConnection, Script
-from tests.redis_servers import RedisServer, free_port, redis_binary, redis_server
+from tests.conftest import need_redis
+from tests.redis_servers import RedisServer, free_port
 
 pytestmark = pytest.mark.redis
 
 COUNT = Script.of("return redis.call('INCR', KEYS[1])")
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own, to freeze, kill and restart."""
-    if redis_binary() is None:
-        pytest.skip("redis-server is not installed")
-    with redis_server() as server:
-        yield server
 
 
 def client_for(server: RedisServer, timeout: float = 2.0) -> RespClient:
@@ -178,8 +170,7 @@ async def test_close_fails_the_calls_still_waiting(own_redis: RedisServer) -> No
 
 @pytest.fixture
 def password_redis() -> Iterator[RedisServer]:
-    if redis_binary() is None:
-        pytest.skip("redis-server is not installed")
+    need_redis()
     with tempfile.TemporaryDirectory(prefix="flowgate-redis-") as workdir:
         extra = ["--requirepass", "secret", "--user", "alice", "on", ">wonderland", "~*", "&*", "+@all"]
         server = RedisServer(free_port(), workdir, extra)
@@ -216,8 +207,9 @@ async def test_a_wrong_password_is_store_unavailable(password_redis: RedisServer
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, Path]]:
     """A redis-server speaking only TLS, with a certificate for 127.0.0.1 from a throwaway CA."""
-    if redis_binary() is None or shutil.which("openssl") is None:
-        pytest.skip("redis-server or openssl is not installed")
+    need_redis()
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
 
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=tmp_path, capture_output=True, check=True, timeout=60)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from gateway.errors import StoreUnavailable
 from gateway.stores.redis import key_names
 from tests import proxy_fixtures
 from tests.faults.harness import SOAK, Flowgate, Load, Outcome, http_get, key_tag, running
-from tests.redis_servers import RedisServer, redis_binary, redis_server
+from tests.redis_servers import RedisServer
 
 upstream = proxy_fixtures.upstream
 Upstream = proxy_fixtures.Upstream
@@ -48,14 +47,6 @@ lease_ttl = "{LEASE_TTL:g}s"
 key = "{{header:X-Tenant}}"
 parallelism = 2
 """
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    if redis_binary() is None:
-        pytest.skip("redis-server is not installed")
-    with redis_server() as server:
-        yield server
 
 
 def readyz(gateway: Flowgate) -> int:
