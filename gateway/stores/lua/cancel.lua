@@ -6,11 +6,5 @@
 local out = {0, -1}
 if redis.call('ZREM', W, ARGV[1]) == 0 then out[1] = redis.call('ZREM', L, ARGV[1]) end
 redis.call('HDEL', T, ARGV[1]) -- its waitlist entry, or its pickup mark
-if redis.call('EXISTS', W) == 1 then
-  local now = now_ms()
-  local pol = policy()
-  trim(pol, now)
-  pump(pol, now, ARGV[2], tonumber(ARGV[3]), out)
-  if redis.call('EXISTS', W) == 1 then out[2] = blocked_for(pol, now) end
-end
+admit_next(ARGV[2], tonumber(ARGV[3]), out)
 return out

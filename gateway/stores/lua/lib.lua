@@ -133,6 +133,17 @@ local function pump(pol, now, caller, pickup_ms, out)
   end
 end
 
+-- A token was freed (release, cancel, revoke): admit the waiters that may go now. out[2] becomes the ms
+-- until the store should pump again when waiters remain that only time will let go.
+local function admit_next(caller, pickup_ms, out)
+  if redis.call('EXISTS', W) == 0 then return end
+  local now = now_ms()
+  local pol = policy()
+  trim(pol, now)
+  pump(pol, now, caller, pickup_ms, out)
+  if redis.call('EXISTS', W) == 1 then out[2] = blocked_for(pol, now) end
+end
+
 -- Keep a paused or pinned key's policy until the operator lets go; otherwise it expires with the key.
 local function keep_policy(pol)
   if pol.paused or pol.pinned then

@@ -6,11 +6,5 @@
 -- Releasing twice is harmless (found = 0).
 local out = {redis.call('ZREM', L, ARGV[1]), -1}
 redis.call('HDEL', T, ARGV[1]) -- its pickup mark, if its owner never picked it up
-if redis.call('EXISTS', W) == 1 then
-  local now = now_ms()
-  local pol = policy()
-  trim(pol, now)
-  pump(pol, now, ARGV[2], tonumber(ARGV[3]), out)
-  if redis.call('EXISTS', W) == 1 then out[2] = blocked_for(pol, now) end
-end
+admit_next(ARGV[2], tonumber(ARGV[3]), out)
 return out

@@ -9,11 +9,5 @@ if redis.call('HGET', T, ARGV[1]) == PICKUP then
   redis.call('HDEL', T, ARGV[1])
   out[1] = redis.call('ZREM', L, ARGV[1])
 end
-if redis.call('EXISTS', W) == 1 then
-  local now = now_ms()
-  local pol = policy()
-  trim(pol, now)
-  pump(pol, now, ARGV[2], tonumber(ARGV[3]), out)
-  if redis.call('EXISTS', W) == 1 then out[2] = blocked_for(pol, now) end
-end
+admit_next(ARGV[2], tonumber(ARGV[3]), out)
 return out
