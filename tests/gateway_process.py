@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +19,20 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.redis_servers import free_port
-from tests.test_cli import clean_env, flowgate_command
+
+
+def flowgate_command() -> list[str]:
+    """The installed console script (what users and the Docker image run), else the module."""
+    script = Path(sys.executable).parent / "flowgate"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without FLOWGATE_* settings, plus `extra`."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("FLOWGATE_")}
+    env.update(extra)
+    return env
+
 
 TOKEN = "operator-token-4711"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -17,23 +16,12 @@ import httpx
 import pytest
 
 from gateway import __version__
+from tests.gateway_process import clean_env, flowgate_command
 from tests.redis_servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = str(ROOT / "examples" / "flowgate.toml")
 EXAMPLE_APP = str(ROOT / "examples" / "upstream_app.py")
-
-
-def flowgate_command() -> list[str]:
-    """The installed console script (what the Dockerfile's ENTRYPOINT runs), else the module."""
-    script = Path(sys.executable).parent / "flowgate"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("FLOWGATE_")}
-    env.update(extra)
-    return env
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

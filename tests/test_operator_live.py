@@ -20,10 +20,18 @@ import httpx
 import pytest
 
 from tests import proxy_fixtures
-from tests.gateway_process import TOKEN, Gateway, gateway_running, metric, start_gateway, wait_for
+from tests.gateway_process import (
+    TOKEN,
+    Gateway,
+    clean_env,
+    flowgate_command,
+    gateway_running,
+    metric,
+    start_gateway,
+    wait_for,
+)
 from tests.proxy_fixtures import Upstream
 from tests.redis_servers import free_port
-from tests.test_cli import clean_env, flowgate_command
 
 upstream = proxy_fixtures.upstream
 _ids = itertools.count()

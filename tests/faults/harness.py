@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,23 +24,12 @@ from typing import Any
 
 import aiohttp
 
+from tests.gateway_process import clean_env, flowgate_command
 from tests.proxy_harness import response_complete
 from tests.redis_servers import free_port
 
 SOAK = os.environ.get("FLOWGATE_SOAK", "") not in ("", "0")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def flowgate_command() -> list[str]:
-    """The installed console script (what users and the Docker image run), else the module."""
-    script = Path(sys.executable).parent / "flowgate"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("FLOWGATE_")}
-    env.update(extra)
-    return env
 
 
 class Flowgate:
