@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -28,16 +27,20 @@ import socket
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol, cast
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any, Final, Protocol, cast
+from urllib.parse import unquote
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from . import logs
 from .admin import build_admin_app, warn_if_exposed
 from .config import DEFAULT_HEADER_TIMEOUT, Settings
+from .cycle import RequestCycle
 from .deadlines import Deadlines
 from .engine import FlowController
 from .errors import StoreUnavailable
@@ -70,6 +73,8 @@ MAX_QUICK_CRASHES = 5
 
 _TRACE = 5
 _ALLOW = b"allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n"
+_ASGI: Final = {"version": "3.0", "spec_version": "2.3"}
+_METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 
 
 class _Refusal(Exception):
@@ -92,6 +97,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     max_header_bytes = MAX_HEADER_BYTES
     max_header_fields = MAX_HEADER_FIELDS
     head_timeout = HEAD_TIMEOUT
+    #: Check each response header's name and value (uvicorn's regular expressions). The proxy port skips it:
+    #: its headers come from the upstream client's parser or from the gateway itself.
+    check_headers = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -102,18 +110,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._pending = 0  # bytes received for a head that is still incomplete
         self._deadline: int = _NONE  # which deadline of this connection is set in `_deadlines(loop)`
         self._discarding = False  # refused: what the client still sends is dropped until the connection closes
-        self._on_disconnect: tuple[RequestResponseCycle, Callable[[], object]] | None = None
+        self._upgrading = False
+        self.cycle: RequestCycle | None = None  # type: ignore[assignment]
+        self.pipeline: deque[tuple[RequestCycle, ASGIApp]] = deque()  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _LingeringTransport(transport, self)))
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
         self._drop_deadline(self._deadline)
-        super().connection_lost(exc)
-        watched, self._on_disconnect = self._on_disconnect, None
-        if watched is not None and not watched[0].response_complete:
-            watched[1]()
+        if self.logger.level <= _TRACE and self.client:
+            self.logger.log(_TRACE, "%s:%d - HTTP connection lost", *self.client)
+        if self.cycle is not None:
+            self.cycle.lose()
+        if self.flow is not None:
+            self.flow.resume_writing()
+        if exc is None:
+            self.transport.close()
+        self.parser = None  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -141,16 +157,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if self._pending > self.max_target + self.max_header_bytes + 1024:
                 self._refuse(_Refusal(431, "headers_too_large", "the request head is too large"))
 
+    # Parser callbacks: uvicorn's, with the head limits, and a RequestCycle (cycle.py) for each request.
+
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self._head_bytes = self._head_fields = self._pending = 0
         self._has_host = False
         self._reading_head = True
+        self._upgrading = False
         if self._deadline != _HEAD:
             self._arm_head_timer()
 
     def on_url(self, url: bytes) -> None:
-        super().on_url(url)
+        self.url += url
         if len(self.url) > self.max_target:
             raise _Refusal(414, "uri_too_long", f"the request target is longer than {self.max_target} bytes")
 
@@ -161,27 +182,86 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             raise _Refusal(431, "headers_too_large", f"the request has more than {self.max_header_fields} headers")
         if self._head_bytes > self.max_header_bytes:
             raise _Refusal(431, "headers_too_large", f"the request headers exceed {self.max_header_bytes} bytes")
-        if len(name) == 4 and name.lower() == b"host":
+        name = name.lower()
+        if name == b"host":
             self._has_host = True
-        super().on_header(name, value)
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
         self._disarm_head_timer()
-        if self.parser.get_method() == b"CONNECT":
+        parser = self.parser
+        method = parser.get_method()
+        if method == b"CONNECT":
             raise _Refusal(405, "method_not_allowed", "CONNECT is not supported by this reverse proxy", _ALLOW)
-        if not self._has_host and self.parser.get_http_version() == "1.1":
+        http_version = parser.get_http_version()
+        if not self._has_host and http_version == "1.1":
             raise _Refusal(400, "missing_host", "an HTTP/1.1 request needs a Host header")
-        super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope:  # a request for the app (not an upgrade)
-            watch = functools.partial(self._watch_disconnect, cycle)
-            self.scope["extensions"] = {DISCONNECT_EXTENSION: {"watch": watch}}
+        url = httptools.parse_url(self.url)
+        raw_path = url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
+        root_path = self.root_path
+        if root_path:
+            path = root_path + path
+            raw_path = root_path.encode("ascii") + raw_path
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": http_version,
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "root_path": root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+            "method": _METHODS.get(method) or method.decode("ascii"),
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": url.query or b"",
+        }
+        self.scope = scope  # type: ignore[assignment]
+        if parser.should_upgrade() and self._should_upgrade():
+            self._upgrading = True  # handed to the WebSocket protocol by data_received (uvicorn's)
+            return
+        previous = self.cycle
+        cycle = self.cycle = RequestCycle(
+            scope,
+            self.transport,
+            self.flow,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            expect_100_continue=self.expect_100_continue,
+            on_response=self.on_response_complete,
+            default_headers=self.server_state.default_headers,
+            access_log=self.access_log,
+            check_headers=self.check_headers,
+        )
+        scope["extensions"] = {DISCONNECT_EXTENSION: {"watch": cycle.watch}}
+        if previous is None or previous.response_complete:
+            self._start_asgi_task(cycle, self.app)
+        else:  # a pipelined request: it waits for the response before it
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, self.app))
 
-    def _watch_disconnect(self, cycle: RequestResponseCycle, callback: Callable[[], object]) -> None:
-        """The `flowgate.disconnect` extension (see inbox.py): `callback()` once if the client leaves before
-        `cycle`'s response is complete. Only the running request registers, so one slot is enough."""
-        self._on_disconnect = (cycle, callback)
+    def _start_asgi_task(self, cycle: RequestCycle, app: ASGIApp) -> None:  # type: ignore[override]
+        task = self.loop.create_task(cycle.run(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if self._upgrading or cycle is None or cycle.response_complete:
+            return
+        if cycle.add_body(body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if not self._upgrading and cycle is not None and not cycle.response_complete:
+            cycle.end_body()
 
     # Deadlines: one timer for every connection of the loop (see deadlines.py), not two timers per request.
 
@@ -398,7 +478,7 @@ def make_server(app: ASGIApp, settings: Settings, role: str) -> ServerHandle:
     config = uvicorn.Config(
         app,
         loop="none",  # the loop is ours (uvloop, see run)
-        http=_protocol(settings.header_timeout),
+        http=_protocol(settings.header_timeout, check_headers=not proxy),
         ws="none",  # no WebSockets: an Upgrade request reaches the proxy as plain HTTP, which answers 501
         lifespan="on" if proxy else "off",
         interface="asgi3",
@@ -415,11 +495,12 @@ def make_server(app: ASGIApp, settings: Settings, role: str) -> ServerHandle:
     return UvicornHandle(config)
 
 
-def _protocol(head_timeout: float) -> type[LimitedHttpToolsProtocol]:
-    """LimitedHttpToolsProtocol with this head deadline (uvicorn builds its protocol objects from a class)."""
-    if head_timeout == DEFAULT_HEADER_TIMEOUT:
-        return LimitedHttpToolsProtocol
-    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"head_timeout": head_timeout})
+def _protocol(head_timeout: float, *, check_headers: bool) -> type[LimitedHttpToolsProtocol]:
+    """LimitedHttpToolsProtocol with these settings (uvicorn builds its protocol objects from a class)."""
+    settings: dict[str, object] = {"check_headers": check_headers}
+    if head_timeout != DEFAULT_HEADER_TIMEOUT:
+        settings["head_timeout"] = head_timeout
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), settings)
 
 
 def _log_level(name: str) -> int:
