@@ -58,7 +58,9 @@ _FORWARDED_SET: Final = frozenset({b"x-forwarded-proto", b"x-forwarded-host"})
 _DROP_UNTRUSTED: Final = _DROP_REQUEST | _FORWARDED_SET  # X-Forwarded-Proto/Host kept only from trusted proxies
 _HOLD: Final = b"flow-control-hold"
 _SKIP_RESPONSE: Final = HOP_BY_HOP | {_HOLD}
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})  # list no header besides hop-by-hop ones
 _NONE: Final[dict[str, Any]] = {}
+_NO_NAMES: Final[frozenset[bytes]] = frozenset()
 
 
 class ProxyApp:
@@ -229,7 +231,7 @@ class ProxyApp:
             if lower in _SKIP_RESPONSE:
                 if lower == _HOLD:
                     hold = value.strip() in (b"1", b"true")
-                elif lower == b"connection":
+                elif lower == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                     listed = listed | connection_tokens(((lower, value),))
                 continue
             out.append((lower, value))
@@ -275,17 +277,23 @@ class ProxyApp:
         raw_path: bytes | None = scope.get("raw_path")
         if method == "CONNECT" or not (raw_path or scope["path"].encode()).startswith(b"/"):
             raise MethodNotAllowed(f"{method} with this request target is not proxied: this is a reverse proxy")
-        source = scope["headers"]
+        client = scope.get("client")
+        peer = str(client[0]) if client else ""
+        trusted = bool(peer) and self.router.trusts(peer)
+        drop = _DROP_REQUEST if trusted else _DROP_UNTRUSTED
+        headers: Headers = []
         listed: frozenset[bytes] = frozenset()
         lengths: list[bytes] = []
         chunked = False
         host = b""
         forwarded_for: list[bytes] = []
-        for name, value in source:
-            if name == b"connection":
+        for name, value in scope["headers"]:
+            if name not in drop:
+                if name == b"content-length":
+                    lengths.append(value.strip())
+                headers.append((name, value))
+            elif name == b"connection":
                 listed = listed | connection_tokens(((name, value),))
-            elif name == b"content-length":
-                lengths.append(value.strip())
             elif name == b"transfer-encoding":
                 chunked = True
             elif name == b"upgrade" and b"websocket" in value.lower():
@@ -295,13 +303,8 @@ class ProxyApp:
             elif name == b"x-forwarded-for":
                 forwarded_for.append(value)
         content_length = self._content_length(lengths, chunked)
-        client = scope.get("client")
-        peer = str(client[0]) if client else ""
-        trusted = bool(peer) and self.router.trusts(peer)
-        drop = _DROP_REQUEST if trusted else _DROP_UNTRUSTED
         if listed:
-            drop = drop | listed
-        headers = [(name, value) for name, value in source if name not in drop]
+            headers = [(name, value) for name, value in headers if name not in listed]
         headers.append((b"host", self._host))
         if b"x-forwarded-for" not in listed:
             chain = [*forwarded_for, peer.encode()] if peer else forwarded_for
@@ -309,7 +312,7 @@ class ProxyApp:
                 headers.append((b"x-forwarded-for", b", ".join(chain)))
         elif peer:
             headers.append((b"x-forwarded-for", peer.encode()))
-        present = {name for name, _ in headers if name in _FORWARDED_SET} if trusted else set()
+        present = {name for name, _ in headers if name in _FORWARDED_SET} if trusted else _NO_NAMES
         if b"x-forwarded-proto" not in present:
             headers.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode()))
         if host and b"x-forwarded-host" not in present:

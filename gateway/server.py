@@ -108,7 +108,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._has_host = False
         self._reading_head = False
         self._pending = 0  # bytes received for a head that is still incomplete
-        self._deadline: int = _NONE  # which deadline of this connection is set in `_deadlines(loop)`
+        self._deadline: int = _NONE  # which deadline of this connection is set in `self._deadlines`
+        self._deadlines = _deadlines(self.loop)
         self._discarding = False  # refused: what the client still sends is dropped until the connection closes
         self._upgrading = False
         self.cycle: RequestCycle | None = None  # type: ignore[assignment]
@@ -267,7 +268,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _arm_head_timer(self) -> None:
         self._deadline = _HEAD
-        _deadlines(self.loop).set(self, self.loop.time() + self.head_timeout)
+        self._deadlines.set(self, self.loop.time() + self.head_timeout)
 
     def _disarm_head_timer(self) -> None:
         self._drop_deadline(_HEAD)
@@ -275,7 +276,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _drop_deadline(self, kind: int) -> None:
         if kind != _NONE and self._deadline == kind:
             self._deadline = _NONE
-            _deadlines(self.loop).drop(self)
+            self._deadlines.drop(self)
 
     def on_response_complete(self) -> None:
         """uvicorn's, with the keep-alive deadline in the shared `Deadlines` instead of a timer per response."""
@@ -289,7 +290,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._start_asgi_task(cycle, app)
         elif self._deadline == _NONE:
             self._deadline = _IDLE
-            _deadlines(self.loop).set(self, self.loop.time() + self.timeout_keep_alive)
+            self._deadlines.set(self, self.loop.time() + self.timeout_keep_alive)
 
     def _unset_keepalive_if_required(self) -> None:
         self._drop_deadline(_IDLE)
