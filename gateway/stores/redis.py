@@ -322,12 +322,13 @@ class RedisStore(Store):
         self._local[ticket] = _Local(owner, lease_ttl)
         args = [ticket, self.instance, lease_ms, self._pickup_ms, *_policy_args(policy)]
         try:
-            reply = await self._call("enter", key, args)
+            reply = await self._batcher.call("enter", key_names(key), args)
         except BaseException:
             self._local.pop(ticket, None)
             raise
         status, first, second, new_key = int(reply[0]), reply[1], int(reply[2]), int(reply[3])
-        self._handoffs(key, reply[4:])
+        if len(reply) > 4:
+            self._handoffs(key, reply[4:])
         if new_key:
             self._index_soon(key)
         if status == 1:
@@ -409,9 +410,12 @@ class RedisStore(Store):
 
     async def release(self, key: str, lease: str) -> bool:
         self._taken.discard(lease)
-        reply = await self._call("release", key, [lease, self.instance, self._pickup_ms])
-        self._handoffs(key, reply[2:])
-        self._arm(key, int(reply[1]))
+        reply = await self._batcher.call("release", key_names(key), [lease, self.instance, self._pickup_ms])
+        if len(reply) > 2:
+            self._handoffs(key, reply[2:])
+        recheck = int(reply[1])
+        if recheck > 0:
+            self._arm(key, recheck)
         return bool(reply[0])
 
     async def renew(self, key: str, leases: Sequence[str], ttl: float) -> list[bool]:

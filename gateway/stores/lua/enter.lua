@@ -4,6 +4,7 @@
 -- Returns {status, a, b, new_key, handoff ticket, owner, ...}:
 --   status 1 admitted; 2 queued (a = position, b = recheck ms or -1); 3 refused (a = reason, b = retry ms).
 -- Idempotent: re-sending the same ticket returns its current status and takes nothing twice.
+-- The common case (nobody waits, a token is free) runs TIME, HMGET, ZCARD W, ZCARD L and ZADD L.
 local ticket, owner = ARGV[1], ARGV[2]
 local lease_ttl, pickup_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
@@ -15,11 +16,15 @@ if v[1] ~= ARGV[5] or v[2] ~= ARGV[6] or v[3] ~= ARGV[7] or v[4] ~= ARGV[8] or v
   v[1], v[2], v[3], v[4], v[5] = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 end
 local pol = policy_of(v)
-trim(pol, now)
+trim_window(pol, now)
 
-if redis.call('ZSCORE', L, ticket) then return {1, 0, 0, new_key} end
-local out = {0, 0, 0, new_key}
 local waiting = redis.call('ZCARD', W)
+if waiting == 0 and blocked_for(pol, now) == 0 then
+  start(pol, ticket, lease_ttl, now) -- false: a re-send of a ticket admitted before; admitted all the same
+  return {1, 0, 0, new_key}
+end
+if redis.call('ZSCORE', L, ticket) then return {1, 0, 0, new_key} end -- admitted before (a re-send)
+local out = {0, 0, 0, new_key}
 if waiting > 0 then
   local rank = redis.call('ZRANK', W, ticket)
   if rank then return {2, rank + 1, blocked_for(pol, now), new_key} end
@@ -32,7 +37,7 @@ if waiting == 0 and blocked_for(pol, now) == 0 then
 elseif waiting >= pol.mw then
   local retry = blocked_for(pol, now)
   out[1], out[2], out[3] = 3, 'waitlist_full', retry > 0 and retry or 1000
-  keep_policy(pol)
+  keep_policy(pol, now)
 else
   local seq = redis.call('HINCRBY', P, 'seq', 1)
   redis.call('ZADD', W, seq, ticket)
@@ -40,7 +45,7 @@ else
   local keep = pol.mwt + math.max(pol.per, lease_ttl) + IDLE_MS
   redis.call('PEXPIRE', W, keep)
   redis.call('PEXPIRE', T, keep)
-  if pol.paused or pol.pinned then redis.call('PERSIST', P) else redis.call('PEXPIRE', P, keep) end
+  if pol.paused or pol.pinned then redis.call('PERSIST', P) else expire_policy(pol, keep, now) end
   out[1], out[2], out[3] = 2, waiting + 1, blocked_for(pol, now)
 end
 return out

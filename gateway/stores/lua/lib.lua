@@ -1,6 +1,7 @@
 -- Shared helpers, compiled in front of every operation (see scripts.py). An operation works on the five
 -- keys of one flow key, all under one hash tag {K} so they live in one slot:
---   P fc:{K}:p  hash   policy: par rate per mw mwt (requested), ppar prate pper (pins), paused, seq, reset
+--   P fc:{K}:p  hash   policy: par rate per mw mwt (requested), ppar prate pper (pins), paused, seq, reset,
+--                      kept (the TTLs of P, L and S reach at least this far: starts before it set none)
 --   L fc:{K}:l  zset   lease id -> expires at (ms)
 --   S fc:{K}:s  zset   start id -> started at (ms): the sliding window of starts
 --   W fc:{K}:w  zset   ticket id -> arrival sequence (FIFO waitlist)
@@ -15,9 +16,13 @@ local function bind(keys, base)
   P, L, S, W, T = keys[base + 1], keys[base + 2], keys[base + 3], keys[base + 4], keys[base + 5]
 end
 
+local clock -- one reading per script call: the operations of a batch share it
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not clock then
+    local t = redis.call('TIME')
+    clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return clock
 end
 
 local function num(value, default)
@@ -25,12 +30,13 @@ local function num(value, default)
   return tonumber(value)
 end
 
-local POLICY_FIELDS = {'par', 'rate', 'per', 'mw', 'mwt', 'ppar', 'prate', 'pper', 'paused'}
+local POLICY_FIELDS = {'par', 'rate', 'per', 'mw', 'mwt', 'ppar', 'prate', 'pper', 'paused', 'kept'}
 
 -- The effective policy from HMGET P POLICY_FIELDS: requested values with the operator's pins on top.
+-- nl and ns: how many leases and starts L and S held when last counted (nil: not counted yet).
 local function policy_of(v)
   local pol = {par = num(v[1], -1), rate = num(v[2], -1), per = num(v[3], 1000), mw = num(v[4], 10000),
-               mwt = num(v[5], 30000), paused = v[9] == '1', pinned = false}
+               mwt = num(v[5], 30000), paused = v[9] == '1', pinned = false, kept = num(v[10], 0)}
   if v[6] then pol.par = tonumber(v[6]); pol.pinned = true end
   if v[7] then pol.rate = tonumber(v[7]); pol.per = num(v[8], pol.per); pol.pinned = true end
   return pol
@@ -40,14 +46,29 @@ local function policy()
   return policy_of(redis.call('HMGET', P, unpack(POLICY_FIELDS)))
 end
 
--- Drop expired leases (with the pickup marks of those never picked up) and starts that left the window.
-local function trim(pol, now)
+-- Drop expired leases (with the pickup marks of those never picked up); true when there were any.
+local function trim_leases(now)
   local expired = redis.call('ZRANGEBYSCORE', L, '-inf', now)
-  if #expired > 0 then
-    redis.call('ZREMRANGEBYSCORE', L, '-inf', now)
-    for _, id in ipairs(expired) do redis.call('HDEL', T, id) end
-  end
+  if #expired == 0 then return false end
+  redis.call('ZREMRANGEBYSCORE', L, '-inf', now)
+  for _, id in ipairs(expired) do redis.call('HDEL', T, id) end
+  return true
+end
+
+-- Drop the starts that left the rate window.
+local function trim_window(pol, now)
   if pol.rate > 0 then redis.call('ZREMRANGEBYSCORE', S, '-inf', now - pol.per) end
+end
+
+-- Drop expired leases and starts that left the window.
+local function trim(pol, now)
+  trim_leases(now)
+  trim_window(pol, now)
+end
+
+-- P's TTL, at least `ms` and never short of the `kept` promise (starts before it refresh nothing).
+local function expire_policy(pol, ms, now)
+  redis.call('PEXPIRE', P, math.max(ms, pol.kept + pol.mwt - now))
 end
 
 -- Push a live lease's expiry to now + ttl: its owner holds it (an admission awaiting pickup is picked up).
@@ -61,25 +82,31 @@ local function extend(id, ttl, now)
 end
 
 -- Keep the lease set (and the policy with it) at least as long as a lease of `ttl` ms can live.
-local function keep_leases(ttl)
+local function keep_leases(ttl, now)
   if redis.call('PTTL', L) < ttl + IDLE_MS then
     redis.call('PEXPIRE', L, ttl + IDLE_MS)
     local pol = policy()
-    if not (pol.paused or pol.pinned) then redis.call('PEXPIRE', P, ttl + IDLE_MS + pol.mwt) end
+    if not (pol.paused or pol.pinned) then expire_policy(pol, ttl + IDLE_MS + pol.mwt, now) end
   end
 end
 
 -- 0 when a start may happen now; else ms until the window or a lease expiry may allow one; -1: only an
--- event (release, resume, policy change) can.
+-- event (release, resume, policy change) can. Expired leases are dropped when they matter: at the limit.
 local function blocked_for(pol, now)
   if pol.paused or pol.rate == 0 then return -1 end
   local wait = 0
-  if pol.par >= 0 and redis.call('ZCARD', L) >= pol.par then
-    local first = redis.call('ZRANGE', L, 0, 0, 'WITHSCORES')
-    wait = tonumber(first[2]) - now
+  if pol.par >= 0 then
+    local held = redis.call('ZCARD', L)
+    if held >= pol.par and held > 0 and trim_leases(now) then held = redis.call('ZCARD', L) end
+    pol.nl = held
+    if held >= pol.par then
+      local first = redis.call('ZRANGE', L, 0, 0, 'WITHSCORES')
+      wait = tonumber(first[2]) - now
+    end
   end
   if pol.rate > 0 then
     local used = redis.call('ZCARD', S)
+    pol.ns = used
     if used >= pol.rate then
       local oldest = redis.call('ZRANGE', S, used - pol.rate, used - pol.rate, 'WITHSCORES')
       wait = math.max(wait, tonumber(oldest[2]) + pol.per - now)
@@ -89,17 +116,28 @@ local function blocked_for(pol, now)
   return 0
 end
 
--- Start a delivery: a lease for `ttl` ms and, when a rate applies, an entry in the window. Both keys are
--- kept at least as long as the lease can live.
+-- Start a delivery: a lease for `ttl` ms and, when a rate applies, an entry in the window; false (and
+-- nothing done) when `id` holds a lease already. P, L and S are kept at least as long as the lease can live:
+-- their TTLs are set twice as far as needed and P's `kept` says so, so most starts set no TTL at all. A key
+-- that this start creates (L or S was empty, or not counted) always gets its TTL.
 local function start(pol, id, ttl, now)
-  redis.call('ZADD', L, now + ttl, id)
+  if redis.call('ZADD', L, 'NX', now + ttl, id) == 0 then return false end
+  if pol.rate > 0 then redis.call('ZADD', S, now, id) end
   local keep = math.max(pol.per, ttl) + IDLE_MS
-  redis.call('PEXPIRE', L, keep)
-  if pol.rate > 0 then
-    redis.call('ZADD', S, now, id)
-    redis.call('PEXPIRE', S, keep)
+  local stale = now + keep > pol.kept
+  if stale or not pol.nl or pol.nl == 0 or (pol.rate > 0 and (not pol.ns or pol.ns == 0)) then
+    local horizon = keep + IDLE_MS
+    redis.call('PEXPIRE', L, horizon)
+    if pol.rate > 0 then redis.call('PEXPIRE', S, horizon) end
+    if stale then
+      pol.kept = now + horizon
+      redis.call('HSET', P, 'kept', pol.kept)
+    end
+    if not (pol.paused or pol.pinned) then expire_policy(pol, horizon + pol.mwt, now) end
   end
-  if not (pol.paused or pol.pinned) then redis.call('PEXPIRE', P, keep + pol.mwt) end
+  pol.nl = (pol.nl or 0) + 1
+  if pol.rate > 0 then pol.ns = (pol.ns or 0) + 1 end
+  return true
 end
 
 -- Admit head tickets while a token and a rate slot are free. Tickets past their deadline are dropped
@@ -145,10 +183,10 @@ local function admit_next(caller, pickup_ms, out)
 end
 
 -- Keep a paused or pinned key's policy until the operator lets go; otherwise it expires with the key.
-local function keep_policy(pol)
+local function keep_policy(pol, now)
   if pol.paused or pol.pinned then
     redis.call('PERSIST', P)
   else
-    redis.call('PEXPIRE', P, math.max(pol.per, pol.mwt) + IDLE_MS)
+    expire_policy(pol, math.max(pol.per, pol.mwt) + IDLE_MS, now)
   end
 end

@@ -24,6 +24,6 @@ for i = 4, #ARGV do
     statuses[#statuses + 1] = 'g'
   end
 end
-if taken then keep_leases(ttl) end
+if taken then keep_leases(ttl, now) end
 out[2] = table.concat(statuses)
 return out

@@ -8,5 +8,5 @@ local out = {}
 for i = 2, #ARGV do
   out[#out + 1] = extend(ARGV[i], ttl, now) and 1 or 0
 end
-keep_leases(ttl)
+keep_leases(ttl, now)
 return out

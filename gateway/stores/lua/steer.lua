@@ -30,5 +30,5 @@ trim(pol, now)
 local out = {-1}
 pump(pol, now, ARGV[1], tonumber(ARGV[2]), out)
 if redis.call('EXISTS', W) == 1 then out[1] = blocked_for(pol, now) end
-keep_policy(pol)
+keep_policy(pol, now)
 return out
