@@ -48,6 +48,8 @@ class RequestCycle:
         "_news",
         "_on_response",
         "_remaining",
+        "_task",
+        "_tasks",
         "_waiter",
         "access_log",
         "check_headers",
@@ -98,6 +100,8 @@ class RequestCycle:
         self._remaining = 0  # Content-Length bytes still to send
         self._done = False  # the app returned
         self.watcher: Callable[[], object] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] | None = None
 
     # -- fed by the protocol ----------------------------------------------------------------------------------------
 
@@ -133,6 +137,13 @@ class RequestCycle:
 
     # -- the app ------------------------------------------------------------------------------------------------------
 
+    def start_task(self, app: ASGIApp, tasks: set[asyncio.Task[None]]) -> None:
+        """Run `app` for this request in a task of its own, kept in `tasks` while it runs (the server waits for
+        them when it stops). The task leaves `tasks` itself: no done-callback (one loop callback per request)."""
+        task = self._task = asyncio.get_running_loop().create_task(self.run(app))
+        self._tasks = tasks
+        tasks.add(task)
+
     async def run(self, app: ASGIApp) -> None:
         try:
             result = await app(self.scope, self.receive, self.send)  # type: ignore[func-returns-value]
@@ -154,6 +165,8 @@ class RequestCycle:
                 self.transport.close()
         finally:
             self._done = True
+            if self._tasks is not None:
+                self._tasks.discard(self._task)
 
     async def _send_500(self) -> None:
         await self.send({"type": "http.response.start", "status": 500, "headers": _ERROR_500})

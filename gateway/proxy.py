@@ -97,15 +97,6 @@ class ProxyApp:
     def __repr__(self) -> str:
         return f"ProxyApp(upstream={self.upstream!r}, router={self.router!r})"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-        elif kind == "websocket":
-            await self._refuse_websocket(scope, receive, send)
-
     async def open(self) -> None:
         """Open the upstream client (also done lazily by the first request)."""
         opener = getattr(self.client, "open", None)
@@ -120,7 +111,11 @@ class ProxyApp:
 
     # -- HTTP ---------------------------------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The HTTP path is inline, not a method of its own: one coroutine frame less to resume on every await.
+        if scope["type"] != "http":
+            await self._other(scope, receive, send)
+            return
         if not self._opened:
             await self.open()
         try:
@@ -166,6 +161,13 @@ class ProxyApp:
             except asyncio.CancelledError:
                 self.controller.release_soon(exchange.lease)
                 raise
+
+    async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await self._refuse_websocket(scope, receive, send)
 
     def _release_soon(self, inbox: RequestInbox, exchange: _Exchange) -> None:
         """Release on a path that cannot await (cancellation, an error on its way up)."""

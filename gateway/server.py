@@ -248,9 +248,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.pipeline.appendleft((cycle, self.app))
 
     def _start_asgi_task(self, cycle: RequestCycle, app: ASGIApp) -> None:  # type: ignore[override]
-        task = self.loop.create_task(cycle.run(app))
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)
+        cycle.start_task(app, self.tasks)
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle

@@ -85,7 +85,7 @@ class LeanClient:
     ) -> LeanResponse:
         head, length = self._head(method, target, headers, body)
         is_head = method == "HEAD"
-        conn = await self._pool.acquire(False)
+        conn = self._pool.idle_connection() or await self._pool.acquire(False)
         try:
             return await conn.exchange(head, body, length, timeout, is_head)
         except UpstreamUnreachable:

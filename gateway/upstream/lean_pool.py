@@ -48,6 +48,16 @@ class Pool:
     def idle_count(self) -> int:
         return len(self._idle)
 
+    def idle_connection(self) -> Connection | None:
+        """A live idle connection, taken from the pool, if there is one (no await: the common case)."""
+        idle = self._idle
+        while idle and not self.closed:
+            conn = idle.pop()
+            conn.idle = False
+            if not conn.closing:  # a closing one leaves the stack here; lost() frees its slot
+                return conn
+        return None
+
     async def acquire(self, fresh: bool) -> Connection:
         """A live connection (idle first unless `fresh`), a new one if a slot is free, else wait FIFO."""
         while True:
