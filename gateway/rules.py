@@ -196,6 +196,7 @@ class _Compiled:
     rule: Rule
     policy: Policy  # with the rule's limits; used when they win, or when no header value is given
     constant_key: str | None
+    fixed: Route | None  # the route of every request it matches, when neither key nor policy depend on one
 
 
 class Router:
@@ -212,7 +213,7 @@ class Router:
         self.rules = tuple(rules)
         self.defaults = defaults
         self.trust_policy_headers = trust_policy_headers
-        self._compiled = tuple(_compile(rule, defaults) for rule in self.rules)
+        self._compiled = tuple(_compile(rule, defaults, trust_policy_headers) for rule in self.rules)
         self._trusted = tuple(_network(item) for item in trusted_proxies)
         wanted: set[bytes] = set()
         if trust_policy_headers:
@@ -253,6 +254,8 @@ class Router:
                         host = _host_name(found.get(b"host", b""))
                     if host != rule.host:
                         continue
+                if compiled.fixed is not None:
+                    return compiled.fixed
                 key = compiled.constant_key or self._render(rule, scope, found)
                 if rule.sets_limits or not self.trust_policy_headers:
                     return Route(key, compiled.policy, rule.name)
@@ -348,14 +351,17 @@ class Router:
         return policy
 
 
-def _compile(rule: Rule, defaults: Policy) -> _Compiled:
+def _compile(rule: Rule, defaults: Policy, trust_policy_headers: bool) -> _Compiled:
     where = f'rule "{rule.name}"' if rule.name else "rule"
     try:
         policy = rule.policy(defaults)
     except InvalidFlowControl as exc:
         raise ConfigError(f"{where}: {exc.message}") from None
     constant = rule.key if all(kind == _LITERAL for kind, _ in rule.parts) else None
-    return _Compiled(rule, policy, constant)
+    fixed = None
+    if constant is not None and (rule.sets_limits or not trust_policy_headers):
+        fixed = Route(constant, policy, rule.name)
+    return _Compiled(rule, policy, constant, fixed)
 
 
 def _network(item: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
