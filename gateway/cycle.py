@@ -137,10 +137,10 @@ class RequestCycle:
 
     # -- the app ------------------------------------------------------------------------------------------------------
 
-    def start_task(self, app: ASGIApp, tasks: set[asyncio.Task[None]]) -> None:
+    def start_task(self, app: ASGIApp, tasks: set[asyncio.Task[None]], loop: asyncio.AbstractEventLoop) -> None:
         """Run `app` for this request in a task of its own, kept in `tasks` while it runs (the server waits for
         them when it stops). The task leaves `tasks` itself: no done-callback (one loop callback per request)."""
-        task = self._task = asyncio.get_running_loop().create_task(self.run(app))
+        task = self._task = loop.create_task(self.run(app))
         self._tasks = tasks
         tasks.add(task)
 

@@ -93,6 +93,7 @@ class ProxyApp:
         self.client = client
         self.observer = DeliveryObserver(metrics)
         self._opened = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it serves in (its client's connections too)
 
     def __repr__(self) -> str:
         return f"ProxyApp(upstream={self.upstream!r}, router={self.router!r})"
@@ -102,6 +103,7 @@ class ProxyApp:
         opener = getattr(self.client, "open", None)
         if opener is not None:
             await opener()
+        self._loop = asyncio.get_running_loop()
         self._opened = True
 
     async def aclose(self) -> None:
@@ -125,7 +127,8 @@ class ProxyApp:
             self.observer.refused(exc)
             await send_error(send, exc, close=exc.status in (405, 413) or isinstance(exc, BadRequest))
             return
-        task = asyncio.current_task()
+        # current_task(loop) skips a getpid() system call that Python 3.11 makes to find the running loop
+        task = asyncio.current_task(self._loop) or asyncio.current_task()
         watch = None
         if content_length == 0:
             watch = scope.get("extensions", _NONE).get(DISCONNECT_EXTENSION, _NONE).get("watch")

@@ -248,7 +248,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.pipeline.appendleft((cycle, self.app))
 
     def _start_asgi_task(self, cycle: RequestCycle, app: ASGIApp) -> None:  # type: ignore[override]
-        cycle.start_task(app, self.tasks)
+        cycle.start_task(app, self.tasks, self.loop)
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
