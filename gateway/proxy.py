@@ -284,7 +284,7 @@ class ProxyApp:
             raise MethodNotAllowed(f"{method} with this request target is not proxied: this is a reverse proxy")
         client = scope.get("client")
         peer = str(client[0]) if client else ""
-        trusted = bool(peer) and self.router.trusts(peer)
+        trusted = bool(peer) and self.router.has_trusted_proxies and self.router.trusts(peer)
         drop = _DROP_REQUEST if trusted else _DROP_UNTRUSTED
         headers: Headers = []
         listed: frozenset[bytes] = frozenset()

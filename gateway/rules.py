@@ -215,6 +215,7 @@ class Router:
         self.trust_policy_headers = trust_policy_headers
         self._compiled = tuple(_compile(rule, defaults, trust_policy_headers) for rule in self.rules)
         self._trusted = tuple(_network(item) for item in trusted_proxies)
+        self.has_trusted_proxies = bool(self._trusted)
         wanted: set[bytes] = set()
         if trust_policy_headers:
             wanted.update(KEY_HEADERS + VALUE_HEADERS)
