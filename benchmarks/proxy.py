@@ -219,11 +219,14 @@ def flowgate_serve(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`flowgate serve` as users run it (one worker), with `rules` in its TOML config."""
     path = os.path.join(workdir, f"flowgate-{port}.toml")
+    admin_port = free_port()
+    while admin_port == port:  # the OS may hand out the same free port twice; the config refuses that
+        admin_port = free_port()
     lines = [
         f'upstream = "{upstream}"',
         f'store = "{store}"',
         f"port = {port}",
-        f"admin_port = {free_port()}",
+        f"admin_port = {admin_port}",
         'log_level = "warning"',
         f'upstream_client = "{client}"',
     ]
