@@ -294,7 +294,8 @@ class StartLog:
 
 #: Where a sample's innermost frame is decides its share (first match wins).
 COMPONENTS = [
-    ("HTTP server: uvicorn's protocol + gateway/server.py", ("uvicorn/", "gateway/server.py", "gateway/deadlines.py")),
+    ("HTTP server: uvicorn's protocol + gateway/server.py, cycle.py",
+     ("uvicorn/", "gateway/server.py", "gateway/cycle.py", "gateway/deadlines.py")),
     ("upstream client: gateway/upstream", ("gateway/upstream/",)),
     ("proxy: gateway/proxy.py, inbox, rules, http",
      ("gateway/proxy.py", "gateway/inbox.py", "gateway/rules.py", "gateway/http.py", "gateway/metrics.py")),
