@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -564,6 +565,11 @@ async def run_worker(settings: Settings, proxy_sock: socket.socket, admin_sock: 
             logger.error("proxy: %s", exc)
             await admin.stop()
             return 1
+        # Everything made so far (modules, the apps, the store) lives as long as the process: move it out of the
+        # collector's sight, so a full collection no longer scans it while requests wait (p99 at 1,000 req/s on
+        # redis://: ~6 ms -> ~3.5 ms, see benchmarks/RESULTS.md).
+        gc.collect()
+        gc.freeze()
         logger.info(
             "flowgate serving http://%s:%d -> %s (store %s, admin %s:%d)",
             settings.host,
