@@ -47,6 +47,7 @@ class RequestCycle:
         "_done",
         "_news",
         "_on_response",
+        "_queued",
         "_remaining",
         "_task",
         "_tasks",
@@ -92,6 +93,7 @@ class RequestCycle:
         self.disconnected = False
         self.more_body = True
         self._body: list[bytes] = []
+        self._queued = 0  # bytes in _body
         self._news = False  # something for receive(): body bytes, the body's end, or the end of the cycle
         self._waiter: asyncio.Future[None] | None = None
         self.response_started = False
@@ -108,8 +110,9 @@ class RequestCycle:
     def add_body(self, chunk: bytes) -> int:
         """Queue request body bytes; returns how many are queued (the protocol pauses reading above a mark)."""
         self._body.append(chunk)
+        self._queued += len(chunk)
         self._signal()
-        return sum(map(len, self._body)) if len(self._body) > 1 else len(chunk)
+        return self._queued
 
     def end_body(self) -> None:
         self.more_body = False
@@ -190,6 +193,7 @@ class RequestCycle:
         body = self._body
         chunk = (body[0] if len(body) == 1 else b"".join(body)) if body else b""
         body.clear()
+        self._queued = 0
         return {"type": "http.request", "body": chunk, "more_body": self.more_body}
 
     async def send(self, message: Message) -> None:

@@ -63,17 +63,15 @@ class Pool:
         while True:
             if self.closed:
                 raise UpstreamUnreachable("the upstream client is closed")
-            idle = self._idle
-            while idle and not fresh:
-                conn = idle.pop()
-                conn.idle = False
-                if not conn.closing:  # a closing one leaves the stack here; lost() frees its slot
+            if not fresh:
+                conn = self.idle_connection()
+                if conn is not None:
                     return conn
             if self.total < self.max_connections:
                 self.total += 1
                 return await self._open()
-            if idle:  # fresh wanted, pool full: close the oldest idle connection and take its slot
-                victim = idle.popleft()
+            if self._idle:  # fresh wanted, pool full: close the oldest idle connection and take its slot
+                victim = self._idle.popleft()
                 victim.idle = False
                 victim.counted = False
                 victim.close()
