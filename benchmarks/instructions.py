@@ -22,7 +22,6 @@ import glob
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from collections.abc import Iterator
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.proxy import RESULTS, ensure_tools, free_port, nginx  # noqa: E402
+from benchmarks.proxy import RESULTS, ensure_tools, free_port, nginx, stop  # noqa: E402
 
 CONNECTIONS = 16
 WARM_UP = 5.0
@@ -53,12 +52,7 @@ def callgrind(args: list[str], port: int, workdir: str, name: str, tree: str) ->
         wait_port(port, proc, os.path.join(workdir, f"{name}.log"))
         yield Counter(proc.pid, out)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc, 60)  # valgrind writes its last counts on the way out
         log.close()
 
 

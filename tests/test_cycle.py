@@ -13,6 +13,7 @@ from gateway.config import Settings
 from gateway.types import Receive, Scope, Send
 from tests.live import serving
 from tests.proxy_harness import response_complete
+from tests.uvicorn_thread import read_body
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -25,12 +26,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         raise RuntimeError("the app failed")
     if path == "/empty":
         return
-    body = b""
-    more = True
-    while more:
-        message = await receive()
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
+    body = await read_body(receive)
     if path == "/chunked":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"x-kind", b"chunked")]})
         for part in (b"one,", b"two"):

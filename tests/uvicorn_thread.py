@@ -14,18 +14,24 @@ import uvicorn
 ASGIMessage = dict[str, Any]
 
 
+async def read_body(receive: Any) -> bytes:
+    """The whole request body, read through `receive`."""
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
 async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """/hello: a fixed body; /echo: the request body back; /stream: a chunked streaming response."""
     if scope["type"] != "http":
         return
     path = scope["path"]
     if path == "/echo":
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body})
     elif path == "/stream":
