@@ -191,6 +191,15 @@ async def test_enter_is_idempotent_for_a_resent_ticket(store: Store) -> None:
     assert await store.release(KEY, "ee01")
 
 
+async def test_a_resent_ticket_on_a_free_key_takes_nothing_twice(store: Store) -> None:
+    policy = Policy(parallelism=5, rate=10, period=60)  # a token free, nobody waiting: the common path
+    for _ in range(2):
+        assert await store.enter(KEY, policy, "ff01", "owner", 30) == Admitted("ff01")
+    state = await store.state(KEY)
+    assert state is not None and (state.active, state.rate_count) == (1, 1)  # one lease, one start in the window
+    assert await store.release(KEY, "ff01")
+
+
 async def test_idle_memory_key_disappears() -> None:
     controller = FlowController(Stores("memory://").open())
     store = controller.store
