@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -34,17 +35,21 @@ class Stores:
         self._opened: list[Store] = []
         self._controllers: list[FlowController] = []
 
-    def open(self) -> Store:
+    def open(self, **options: Any) -> Store:
+        """A store on the URI; `options` go to open_store (a Redis store's pickup_ttl, say)."""
         if self.memory and self._opened:
             return self._opened[0]
-        store = open_store(self.uri)
+        store = open_store(self.uri, **options)
         self._opened.append(store)
         return store
 
-    def controller(self, *, lease_ttl: float = 60.0, safety_interval: float = 60.0) -> FlowController:
-        """A FlowController with its own store object (shared for memory). The long safety interval makes
-        sure a test never passes on the safety re-check where a wake-up is due."""
-        controller = FlowController(self.open(), lease_ttl=lease_ttl, safety_interval=safety_interval)
+    def controller(
+        self, *, store: Store | None = None, lease_ttl: float = 60.0, safety_interval: float = 60.0
+    ) -> FlowController:
+        """A FlowController over `store`, or over a store of its own (shared for memory). The long safety
+        interval makes sure a test never passes on the safety re-check where a wake-up is due."""
+        store = store if store is not None else self.open()
+        controller = FlowController(store, lease_ttl=lease_ttl, safety_interval=safety_interval)
         self._controllers.append(controller)
         return controller
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
-from gateway import FlowController, Policy, open_store
+from gateway import Policy
 from gateway.stores import liveness
 from gateway.stores.redis import RedisStore, key_names
 from tests.helpers import wait_until
+from tests.store_fixtures import Stores
 
 pytestmark = pytest.mark.redis
 
@@ -33,32 +34,13 @@ def url(request: pytest.FixtureRequest) -> str:
     return uri
 
 
-class Instances:
+class Instances(Stores):
     """Redis stores opened as separate instances would be, and controllers over them; all closed at the end."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.stores: list[RedisStore] = []
-        self.controllers: list[FlowController] = []
-
     def store(self, **options: Any) -> RedisStore:
-        store = open_store(self.url, **options)
+        store = self.open(**options)
         assert isinstance(store, RedisStore)
-        self.stores.append(store)
         return store
-
-    def controller(self, store: RedisStore, lease_ttl: float = 60.0, safety_interval: float = 60.0) -> FlowController:
-        controller = FlowController(store, lease_ttl=lease_ttl, safety_interval=safety_interval)
-        self.controllers.append(controller)
-        return controller
-
-    async def aclose(self) -> None:
-        for controller in self.controllers:
-            with contextlib.suppress(Exception):
-                await controller.close()
-        for store in self.stores:
-            with contextlib.suppress(Exception):
-                await store.close()
 
 
 @pytest.fixture
@@ -97,7 +79,7 @@ async def die(store: RedisStore) -> None:
 
 async def test_an_instance_is_alive_before_its_first_ticket_waits(instances: Instances) -> None:
     store = instances.store()
-    controller = instances.controller(store, lease_ttl=3.0)
+    controller = instances.controller(store=store, lease_ttl=3.0)
     assert not await store._client.exists(alive_key(store))  # nothing entered yet: nothing to keep alive
     lease = await controller.acquire(KEY, ONE)
     ttl = await store._client.pttl(alive_key(store))
@@ -123,7 +105,7 @@ async def test_a_closed_instance_is_no_longer_alive(instances: Instances) -> Non
 
 async def test_an_admission_for_a_dead_instance_goes_to_the_next_waiter_at_once(instances: Instances) -> None:
     survivor = instances.store()  # default pickup TTL: 10 s
-    holder = instances.controller(survivor)
+    holder = instances.controller(store=survivor)
     ghost = instances.store()
     first = await holder.acquire(KEY, ONE)
     await ghost.enter(KEY, ONE, "9" * 24, "ghost-owner", 60.0)  # the dead instance's ticket, next in line
@@ -144,9 +126,9 @@ async def test_an_admission_pushed_before_its_owner_died_is_revoked_when_its_liv
     """The owner was alive when its wake-up was pushed, and died before picking it up: the pusher checks again
     when the owner's liveness key would have run out, and revokes."""
     survivor = instances.store()
-    holder = instances.controller(survivor)
+    holder = instances.controller(store=survivor)
     doomed = instances.store()
-    doomed_owner = instances.controller(doomed, lease_ttl=1.0)  # liveness TTL 1 s
+    doomed_owner = instances.controller(store=doomed, lease_ttl=1.0)  # liveness TTL 1 s
     doomed._pick_up = _dropped  # type: ignore[method-assign]  # it dies before the wake-up reaches it
     first = await holder.acquire(KEY, ONE)
     ghost_waiter = asyncio.create_task(doomed_owner.acquire(KEY, ONE))
@@ -171,9 +153,9 @@ async def test_a_live_owner_slow_to_pick_up_keeps_its_admission(instances: Insta
     finds it alive and revokes nothing. (With the same settings everywhere the liveness TTL is the admission's
     pickup TTL; here the owner's is shorter, so that the pick-up can outlast it and still be in time.)"""
     admitter = instances.store(pickup_ttl=5.0)  # admissions for other instances: 5 s to be picked up
-    holder = instances.controller(admitter)
+    holder = instances.controller(store=admitter)
     slow = instances.store(pickup_ttl=1.0)  # liveness TTL 1 s, refreshed every 0.33 s
-    owner = instances.controller(slow)
+    owner = instances.controller(store=slow)
     pick_up = slow._pick_up
 
     async def slow_pick_up(*args: Any) -> None:
@@ -198,9 +180,9 @@ async def test_revoking_never_takes_back_an_admission_its_owner_picked_up(instan
     """The owner's safety re-check took the admission over, then its liveness key lapsed (a long pause) before
     the wake-up was pushed: the pusher finds it "dead" and revokes, which must leave the picked-up lease alone."""
     admitter = instances.store()
-    holder = instances.controller(admitter)
+    holder = instances.controller(store=admitter)
     paused = instances.store()
-    owner = instances.controller(paused, safety_interval=0.2)
+    owner = instances.controller(store=paused, safety_interval=0.2)
     pushes: list[tuple[str, list[tuple[str, str]]]] = []
 
     async def hold_back(key: str, remote: list[tuple[str, str]]) -> None:
