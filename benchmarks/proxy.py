@@ -46,6 +46,7 @@ sys.path.insert(0, ROOT)
 
 import redis as redis_sync  # noqa: E402
 
+from tests.helpers import max_starts_in_window  # noqa: E402
 from tests.redis_servers import redis_server  # noqa: E402
 
 PYTHON = sys.executable
@@ -288,13 +289,7 @@ class StartLog:
         """The most starts in any window (t - period, t], or None without a Redis store."""
         if self._redis is None:
             return None
-        times = sorted(self._starts.values())
-        best = low = 0
-        for high, when in enumerate(times):
-            while when - times[low] >= period_ms:
-                low += 1
-            best = max(best, high - low + 1)
-        return best
+        return max_starts_in_window(self._starts.values(), period_ms)
 
 
 #: Where a sample's innermost frame is decides its share (first match wins).
