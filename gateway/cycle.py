@@ -168,6 +168,10 @@ class RequestCycle:
                 self.transport.close()
         finally:
             self._done = True
+            # The request's objects point back at this cycle (the inbox's `receive`, the scope's `watch`): break
+            # those loops so reference counting frees them now, not the garbage collector (~10% of the CPU)
+            self.watcher = None
+            self.scope.pop("extensions", None)
             if self._tasks is not None:
                 self._tasks.discard(self._task)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from typing import Any
 
 import aiohttp
 import pytest
 
+from gateway.cycle import RequestCycle
 from gateway.engine import Lease
+from gateway.inbox import RequestInbox
 from gateway.rules import Rule
 from tests import proxy_fixtures
 from tests.proxy_harness import eventually, key_idle, raw_exchange, running_gateway
@@ -168,3 +171,32 @@ async def test_completion_reporting_holds_until_released(upstream: Upstream, sto
             assert await second == 200
         await eventually(lambda: key_idle(gateway.store, key))
         assert not await gateway.controller.release(Lease.from_token(token))  # already released
+
+
+# without a body the server tells the proxy of a disconnect; with one, a task of the proxy reads the body
+@pytest.mark.parametrize("body", [b"", b"payload"])
+async def test_a_request_leaves_no_reference_cycles(upstream: Upstream, store_uri: str, key: str, body: bytes) -> None:
+    """What a request makes is freed when it ends, by reference counting: objects caught in a loop of references
+    wait for the garbage collector, whose passes then cost the gateway a tenth of its CPU under load."""
+
+    def alive() -> int:
+        return sum(1 for item in gc.get_objects() if type(item) in (RequestCycle, RequestInbox))
+
+    async with running_gateway(upstream.url, store_uri) as gateway, aiohttp.ClientSession() as session:
+
+        async def send() -> None:
+            async with session.post(f"{gateway.url}/ok", data=body, headers=fc(key, "parallelism=2")) as response:
+                await response.read()
+                assert response.status == 200
+
+        await send()
+        gc.collect()
+        gc.disable()
+        try:
+            before = alive()
+            for _ in range(20):
+                await send()
+            after = alive()
+        finally:
+            gc.enable()
+    assert after - before <= 2  # the connection's latest cycle and inbox, still in reach
