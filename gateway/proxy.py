@@ -249,16 +249,17 @@ class ProxyApp:
                 self.controller.detach(lease)
                 exchange.held = True
         await send({"type": "http.response.start", "status": response.status, "headers": out})
-        previous: bytes | None = None
         try:
-            async for chunk in response.body():
-                if previous is not None:
-                    await send({"type": "http.response.body", "body": previous, "more_body": True})
-                previous = chunk
+            async for chunk in response.body():  # each chunk goes on at once: a stream's events are not held back
+                if response.complete:  # the last one: it ends the response, with no empty message after it
+                    inbox.disarm()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except DeliveryError:
             return  # the response has started: all we can do is cut the connection (by not completing it)
         inbox.disarm()
-        await send({"type": "http.response.body", "body": previous or b"", "more_body": False})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _body(self, inbox: RequestInbox) -> AsyncIterator[bytes]:
         received = 0

@@ -8,7 +8,7 @@ received within `timeout`) and UpstreamUnreachable (refused connection, malforme
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 
 import aiohttp
 from yarl import URL
@@ -23,19 +23,28 @@ _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 class AiohttpResponse:
     """One upstream response; `body()` streams it, `aclose()` returns the connection to the pool or closes it."""
 
-    __slots__ = ("_complete", "_response", "headers", "reason", "status")
+    __slots__ = ("_chunks_iterator", "_complete", "_response", "headers", "reason", "status")
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self._complete = False
+        self._chunks_iterator: AsyncGenerator[bytes, None] | None = None
         self.status = response.status
         self.reason = (response.reason or "").encode("latin-1", "replace")
         self.headers: Headers = list(response.raw_headers)
 
-    def body(self) -> AsyncIterator[bytes]:
-        return self._chunks()
+    @property
+    def complete(self) -> bool:
+        content = self._response.content
+        if not self._complete and content.at_eof() and content.exception() is None:
+            self._complete = True
+        return self._complete
 
-    async def _chunks(self) -> AsyncIterator[bytes]:
+    def body(self) -> AsyncIterator[bytes]:
+        iterator = self._chunks_iterator = self._chunks()
+        return iterator
+
+    async def _chunks(self) -> AsyncGenerator[bytes, None]:
         content = self._response.content
         try:
             while True:
@@ -50,7 +59,9 @@ class AiohttpResponse:
         self._complete = True
 
     async def aclose(self) -> None:
-        if self._complete:
+        if self._chunks_iterator is not None:
+            await self._chunks_iterator.aclose()  # a reader that stopped at the last chunk left it open
+        if self.complete:
             self._response.release()
         else:
             self._response.close()

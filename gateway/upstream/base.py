@@ -18,6 +18,11 @@ class UpstreamResponse(Protocol):
     reason: bytes
     headers: Headers  # hop-by-hop headers NOT yet removed: the proxy filters them
 
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived and been handed out: the chunk `body()` gave last was its end."""
+        ...
+
     def body(self) -> AsyncIterator[bytes]:
         """The body in chunks, read with back-pressure; ends cleanly or raises an upstream error."""
         ...

@@ -39,6 +39,10 @@ class LeanResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._timeout = timeout
 
+    @property
+    def complete(self) -> bool:
+        return self._done and not self._chunks and self._error is None
+
     def body(self) -> AsyncIterator[bytes]:
         # the response is its own iterator: no async generator (asyncio tracks each one in a WeakSet)
         return self
