@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 _BAD_NAME: Final = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
 _BAD_VALUE: Final = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CLOSE: Final = b"connection: close\r\n"
-_CHUNKED: Final = b"transfer-encoding: chunked\r\n"
+_CLOSE: Final = b"connection: close"
+_CHUNKED: Final = b"transfer-encoding: chunked"
+_STATUS: Final = {status: line.removesuffix(b"\r\n") for status, line in STATUS_LINE.items()}
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _ERROR_500: Final = [
     (b"content-type", b"text/plain; charset=utf-8"),
@@ -234,7 +236,7 @@ class RequestCycle:
             )
         if self.default_headers:
             headers = [*self.default_headers, *headers]
-        parts = [STATUS_LINE[status]]
+        lines = [_STATUS[status]]  # the lines of the head, joined by CRLF at the end
         framed: bool | None = None  # Content-Length (False) or chunked (True) given by the app
         close = False
         check = self.check_headers
@@ -245,24 +247,27 @@ class RequestCycle:
                 if _BAD_VALUE.search(value):
                     raise RuntimeError("Invalid HTTP header value.")
             name = name.lower()
-            if name == b"content-length" and framed is None:
-                self._remaining = int(value)
-                framed = False
-            elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                self._remaining = 0
-                framed = True
-            elif name == b"connection" and b"close" in [token.strip() for token in value.lower().split(b",")]:
-                self.keep_alive = False
-                close = True
-            parts += (name, b": ", value, b"\r\n")
+            if name in _FRAMING:  # one set lookup for the common header, not three comparisons
+                if name == b"content-length":
+                    if framed is None:
+                        self._remaining = int(value)
+                        framed = False
+                elif name == b"transfer-encoding":
+                    if value.lower() == b"chunked":
+                        self._remaining = 0
+                        framed = True
+                elif b"close" in [token.strip() for token in value.lower().split(b",")]:
+                    self.keep_alive = False
+                    close = True
+            lines.append(name + b": " + value)
         if not self.keep_alive and not close:
-            parts.append(_CLOSE)
+            lines.append(_CLOSE)
         if framed is None and scope["method"] != "HEAD" and status != 204 and status != 304:
             framed = True  # neither Content-Length nor Transfer-Encoding
-            parts.append(_CHUNKED)
+            lines.append(_CHUNKED)
         self.chunked = bool(framed)
-        parts.append(b"\r\n")
-        self.transport.write(b"".join(parts))
+        lines.append(b"\r\n")
+        self.transport.write(b"\r\n".join(lines))
 
     def _write_body(self, body: bytes, more_body: bool) -> None:
         transport = self.transport

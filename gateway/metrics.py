@@ -287,19 +287,25 @@ class DeliveryObserver:
     """What the proxy and the middleware report at each step of a delivery: updates `metrics` (if any) and logs
     one line per rejected or failed delivery."""
 
-    __slots__ = ("metrics",)
+    __slots__ = ("_stats", "metrics")
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
+        self._stats: dict[str, RuleStats] = {}  # metrics.rule(name), kept: the hot calls skip a call each
+
+    def _rule(self, name: str) -> RuleStats:
+        assert self.metrics is not None
+        stats = self._stats[name] = self.metrics.rule(name)
+        return stats
 
     def entered(self, route: Route) -> None:
         """The delivery asks for a token (it may get one at once)."""
         if self.metrics is not None:
-            self.metrics.rule(route.rule).waiting += 1
+            (self._stats.get(route.rule) or self._rule(route.rule)).waiting += 1
 
     def admitted(self, route: Route, lease: Lease) -> None:
         if self.metrics is not None:
-            stats = self.metrics.rule(route.rule)
+            stats = self._stats.get(route.rule) or self._rule(route.rule)
             stats.waiting -= 1
             stats.admitted += 1
             stats.wait.observe(lease.waited)
@@ -333,12 +339,15 @@ class DeliveryObserver:
 
     def in_flight(self, route: Route) -> contextlib.AbstractContextManager[None]:
         """Context manager around forwarding an admitted delivery."""
-        return _NOTHING if self.metrics is None else self.metrics.rule(route.rule)
+        if self.metrics is None:
+            return _NOTHING
+        return self._stats.get(route.rule) or self._rule(route.rule)
 
     def answered(self, route: Route | None, started: float) -> None:
         """The upstream sent its response head (`started`: `time.perf_counter()` when forwarding began)."""
         if route is not None and self.metrics is not None:
-            self.metrics.rule(route.rule).latency.observe(time.perf_counter() - started)
+            stats = self._stats.get(route.rule) or self._rule(route.rule)
+            stats.latency.observe(time.perf_counter() - started)
 
     def failed(self, route: Route | None, exc: DeliveryError) -> None:
         """The upstream could not be reached or did not answer in time (502 / 504)."""

@@ -59,6 +59,7 @@ _DROP_UNTRUSTED: Final = _DROP_REQUEST | _FORWARDED_SET  # X-Forwarded-Proto/Hos
 _HOLD: Final = b"flow-control-hold"
 _SKIP_RESPONSE: Final = HOP_BY_HOP | {_HOLD}
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})  # list no header besides hop-by-hop ones
+_SCHEMES: Final = {"http": b"http", "https": b"https"}
 _NONE: Final[dict[str, Any]] = {}
 _NO_NAMES: Final[frozenset[bytes]] = frozenset()
 
@@ -308,19 +309,19 @@ class ProxyApp:
                 host = value
             elif name == b"x-forwarded-for":
                 forwarded_for.append(value)
-        content_length = self._content_length(lengths, chunked)
+        content_length = self._content_length(lengths, chunked) if lengths or chunked else 0
         if listed:
             headers = [(name, value) for name, value in headers if name not in listed]
         headers.append((b"host", self._host))
-        if b"x-forwarded-for" not in listed:
+        if forwarded_for and b"x-forwarded-for" not in listed:
             chain = [*forwarded_for, peer.encode()] if peer else forwarded_for
-            if chain:
-                headers.append((b"x-forwarded-for", b", ".join(chain)))
+            headers.append((b"x-forwarded-for", b", ".join(chain)))
         elif peer:
             headers.append((b"x-forwarded-for", peer.encode()))
         present = {name for name, _ in headers if name in _FORWARDED_SET} if trusted else _NO_NAMES
         if b"x-forwarded-proto" not in present:
-            headers.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode()))
+            scheme = scope.get("scheme", "http")
+            headers.append((b"x-forwarded-proto", _SCHEMES.get(scheme) or str(scheme).encode()))
         if host and b"x-forwarded-host" not in present:
             headers.append((b"x-forwarded-host", host))
         if chunked:

@@ -70,7 +70,7 @@ class LeanClient:
             raise ConfigError(f"timeouts must be positive, got idle {idle_timeout} and connect {connect_timeout}")
         authority = parts.netloc.rsplit("@", 1)[-1]
         self.base_url = base_url
-        self._host_header = b"Host: " + authority.encode("idna") + b"\r\n"
+        self._host_line = b"Host: " + authority.encode("idna")
         self._prefix = parts.path.rstrip("/").encode("ascii")
         self._pool = Pool(parts.hostname, port, authority, max_connections, idle_timeout, connect_timeout)
 
@@ -99,22 +99,23 @@ class LeanClient:
         if "\r" in target or "\n" in target or " " in target:
             raise ValueError(f"request target contains whitespace: {target!r}")
         method_bytes = _METHODS.get(method) or method.encode("ascii")
-        parts = [method_bytes, b" ", self._prefix + target.encode(), b" HTTP/1.1\r\n"]
+        lines = [method_bytes + b" " + self._prefix + target.encode() + b" HTTP/1.1"]
         length = -1
         has_host = has_te = False
-        for name, value in headers:
-            size = len(name)
+        for pair in headers:
+            name = pair[0]
+            size = len(name)  # the names looked at have distinct lengths: most headers cost one comparison
             if size == 4:
                 has_host = has_host or name.lower() == b"host"
             elif size == 14 and name.lower() == b"content-length":
-                length = _content_length(value)
+                length = _content_length(pair[1])
             elif size == 17 and name.lower() == b"transfer-encoding":
-                if not value.rstrip().lower().endswith(b"chunked"):
-                    raise ValueError(f"request Transfer-Encoding must end with chunked, got {value!r}")
+                if not pair[1].rstrip().lower().endswith(b"chunked"):
+                    raise ValueError(f"request Transfer-Encoding must end with chunked, got {pair[1]!r}")
                 has_te = True
-            parts += (name, b": ", value, b"\r\n")
+            lines.append(b": ".join(pair))
         if not has_host:
-            parts.append(self._host_header)
+            lines.append(self._host_line)
         if body is None:
             if length > 0 or has_te:
                 raise ValueError("Content-Length or Transfer-Encoding given for a request without a body")
@@ -122,9 +123,9 @@ class LeanClient:
             if has_te:
                 raise ValueError("both Content-Length and Transfer-Encoding given for the request body")
         elif not has_te:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts), length
+            lines.append(b"Transfer-Encoding: chunked")
+        lines.append(b"\r\n")
+        return b"\r\n".join(lines), length
 
     @property
     def open_connections(self) -> int:
