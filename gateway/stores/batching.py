@@ -30,13 +30,17 @@ class ScriptBatcher:
     def __init__(self, slot_of: Callable[[str], int] | None = None) -> None:
         self._slot_of = slot_of
         self._pending: list[_Call] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the calls pending
         self.round_trips = 0  # script calls sent, for tests and benchmarks
 
     def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
+        loop = self._loop
+        if loop is None or not self._pending:
+            # the tick's first call; the others share its loop (get_running_loop() makes a getpid() system call on
+            # Python 3.11)
+            loop = self._loop = asyncio.get_running_loop()
             loop.call_soon(self._flush)
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((name, keys, args, future))
         return future
 

@@ -22,6 +22,7 @@ Revoking takes back only an admission still marked as awaiting pickup in the sto
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -74,7 +75,9 @@ class Liveness:
         self._guard = guard
         self._revoke = revoke
         self._spawn = spawn
-        self._fresh_until = float("-inf")  # loop time until which a ticket may be entered without a SET first
+        # time.monotonic() until which a ticket may be entered without a SET first (not the loop's clock: on
+        # Python 3.11 each get_running_loop() costs a getpid() system call, and this is checked on every enter)
+        self._fresh_until = float("-inf")
         self._keeper: asyncio.Task[None] | None = None
         self._setting: asyncio.Task[None] | None = None
         self._pushed: dict[str, _Pushed] = {}  # owner -> admissions pushed to it, not yet past their pickup TTL
@@ -84,7 +87,7 @@ class Liveness:
 
     def needs_refresh(self, lease_ms: int) -> bool:
         """Whether `ensure` must run before a ticket with this lease TTL is entered (cheap: no I/O)."""
-        return max(lease_ms, MIN_TTL_MS) < self.ttl_ms or asyncio.get_running_loop().time() >= self._fresh_until
+        return max(lease_ms, MIN_TTL_MS) < self.ttl_ms or time.monotonic() >= self._fresh_until
 
     async def ensure(self, lease_ms: int) -> None:
         """Be alive before a ticket is entered, and stay alive from then on. StoreUnavailable if it cannot be set."""
@@ -92,7 +95,7 @@ class Liveness:
         loop = asyncio.get_running_loop()
         if self._keeper is None or self._keeper.done():
             self._keeper = loop.create_task(self._keep())
-        if loop.time() >= self._fresh_until:
+        if time.monotonic() >= self._fresh_until:
             await asyncio.shield(self._refresh())
 
     def _refresh(self) -> asyncio.Task[None]:
@@ -103,7 +106,7 @@ class Liveness:
 
     async def _set(self) -> None:
         ttl_ms = self.ttl_ms
-        sent = asyncio.get_running_loop().time()
+        sent = time.monotonic()
         await self._guard(self._client.set(alive_key(self.instance), "1", px=ttl_ms))
         # Entering needs no SET first while the key has half its TTL left: the keeper refreshes it every third, so
         # only a stalled keeper or an outage makes an enter wait.
