@@ -47,6 +47,7 @@ class RequestCycle:
     __slots__ = (
         "_body",
         "_done",
+        "_loop",
         "_news",
         "_on_response",
         "_queued",
@@ -134,6 +135,18 @@ class RequestCycle:
         response is complete."""
         self.watcher = callback
 
+    def take_body(self) -> bytes | None:
+        """The `flowgate.body` extension (see inbox.py): the whole request body if all of it has arrived and none
+        of it was read, else None (then `receive()` gives it)."""
+        body = self._body
+        if self.more_body or self.disconnected or not body:
+            return None
+        whole = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        self._queued = 0
+        self._news = False  # taken: receive() now waits for the end of the cycle
+        return whole
+
     def _signal(self) -> None:
         self._news = True
         waiter = self._waiter
@@ -145,6 +158,7 @@ class RequestCycle:
     def start_task(self, app: ASGIApp, tasks: set[asyncio.Task[None]], loop: asyncio.AbstractEventLoop) -> None:
         """Run `app` for this request in a task of its own, kept in `tasks` while it runs (the server waits for
         them when it stops). The task leaves `tasks` itself: no done-callback (one loop callback per request)."""
+        self._loop = loop  # receive() waits on it (asyncio.get_running_loop() makes a getpid() call on 3.11)
         task = self._task = loop.create_task(self.run(app))
         self._tasks = tasks
         tasks.add(task)
@@ -188,7 +202,7 @@ class RequestCycle:
         if not self.disconnected and not self.response_complete:
             self.flow.resume_reading()
             if not self._news:
-                waiter = self._waiter = asyncio.get_running_loop().create_future()
+                waiter = self._waiter = self._loop.create_future()
                 try:
                     await waiter
                 finally:

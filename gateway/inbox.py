@@ -13,7 +13,10 @@ BodyTimeout (408) and `timed_out` is set.
 
 A server can spare a request without a body that background task: `flowgate serve`'s server puts a callable
 at `scope["extensions"][DISCONNECT_EXTENSION]["watch"]` that takes a callback and calls it once if the client
-leaves before the response is complete (the `watch` argument).
+leaves before the response is complete (the `watch` argument). It also puts one at
+`scope["extensions"][BODY_EXTENSION]["take"]`: called before anything read the body, it returns the whole body
+when all of it has already arrived (a small webhook's usually has, with its head), else None. A request whose body
+was taken that way needs no reading task either.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .types import Receive
 
 HIGH_WATER = 64 * 1024  # bytes of request body read ahead of the forwarder
 DISCONNECT_EXTENSION = "flowgate.disconnect"
+BODY_EXTENSION = "flowgate.body"
 
 
 class ClientDisconnected(Exception):
@@ -41,6 +45,7 @@ class RequestInbox:
         "_chunks",
         "_consumer",
         "_high_water",
+        "_loop",
         "_producer",
         "_queued",
         "_receive",
@@ -62,7 +67,7 @@ class RequestInbox:
         body_timeout: float | None = None,
         watch: Callable[[Callable[[], object]], object] | None = None,
     ) -> None:
-        """`watch`: the server's DISCONNECT_EXTENSION, for a request without a body (then no task reads)."""
+        """`watch`: the server's DISCONNECT_EXTENSION, for a request without a body to read (then no task reads)."""
         self._receive = receive
         self.body_timeout = body_timeout
         self._allowance = body_timeout  # seconds of waiting for the client left
@@ -78,8 +83,10 @@ class RequestInbox:
         self.too_large = False
         self.timed_out = False
         self._task: asyncio.Task[None] | None = None
+        # the target's loop: asyncio.get_running_loop() makes a getpid() system call on Python 3.11
+        self._loop = target.get_loop() if target is not None else asyncio.get_running_loop()
         if watch is None:
-            self._task = asyncio.get_running_loop().create_task(self._pump())
+            self._task = self._loop.create_task(self._pump())
         else:
             self.body_complete = True
             watch(self._client_left)
@@ -112,7 +119,7 @@ class RequestInbox:
         return chunk, more
 
     async def _wait_for_client(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         consumer = self._consumer = loop.create_future()
         if self._allowance is None:
             try:
@@ -130,7 +137,7 @@ class RequestInbox:
             self._allowance -= loop.time() - started
 
     async def _pump(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         while True:
             while self._queued >= self._high_water:
                 self._producer = loop.create_future()

@@ -35,7 +35,7 @@ from .http import (
     error_headers,
     send_error,
 )
-from .inbox import DISCONNECT_EXTENSION, RequestInbox
+from .inbox import BODY_EXTENSION, DISCONNECT_EXTENSION, RequestInbox
 from .metrics import DeliveryObserver, Metrics
 from .rules import Route, Router
 from .types import Message, Receive, Scope, Send
@@ -130,9 +130,16 @@ class ProxyApp:
             return
         # current_task(loop) skips a getpid() system call that Python 3.11 makes to find the running loop
         task = asyncio.current_task(self._loop) or asyncio.current_task()
-        watch = None
-        if content_length == 0:
-            watch = scope.get("extensions", _NONE).get(DISCONNECT_EXTENSION, _NONE).get("watch")
+        whole: bytes | None = None  # the request body, when it had all arrived with the head
+        extensions = scope.get("extensions", _NONE)
+        watch = extensions.get(DISCONNECT_EXTENSION, _NONE).get("watch")
+        if content_length and watch is not None:
+            take = extensions.get(BODY_EXTENSION, _NONE).get("take")
+            whole = take() if take is not None else None
+            if whole is None:
+                watch = None  # the body is still coming: the inbox's task reads it
+        elif content_length is None:
+            watch = None
         inbox = RequestInbox(receive, task, body_timeout=self.body_timeout, watch=watch)
         exchange = _Exchange(route)
         try:
@@ -142,10 +149,10 @@ class ProxyApp:
                     headers.append((b"flow-control-key", route.key.encode()))
                     headers.append((b"flow-control-lease", exchange.lease.token.encode()))
             if route is None:
-                await self._forward(scope, send, inbox, headers, content_length, exchange)
+                await self._forward(scope, send, inbox, headers, content_length, whole, exchange)
             elif exchange.lease is not None:
                 with self.observer.in_flight(route):
-                    await self._forward(scope, send, inbox, headers, content_length, exchange)
+                    await self._forward(scope, send, inbox, headers, content_length, whole, exchange)
         except asyncio.CancelledError:
             if not inbox.disconnected or task is None:
                 self._release_soon(inbox, exchange)
@@ -202,10 +209,13 @@ class ProxyApp:
         inbox: RequestInbox,
         headers: Headers,
         content_length: int | None,
+        whole: bytes | None,
         exchange: _Exchange,
     ) -> None:
         """Send the request upstream and stream the answer back."""
-        body = None if content_length == 0 else self._body(inbox)
+        body: bytes | AsyncIterator[bytes] | None = whole
+        if whole is None and content_length != 0:
+            body = self._body(inbox)
         started = time.perf_counter()
         try:
             response = await self.client.request(

@@ -45,7 +45,7 @@ from .cycle import RequestCycle
 from .deadlines import Deadlines
 from .engine import FlowController
 from .errors import StoreUnavailable
-from .inbox import DISCONNECT_EXTENSION
+from .inbox import BODY_EXTENSION, DISCONNECT_EXTENSION
 from .metrics import Metrics, mark_dead, multiprocess_dir
 from .proxy import ProxyApp
 from .stores import open_store
@@ -241,7 +241,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             access_log=self.access_log,
             check_headers=self.check_headers,
         )
-        scope["extensions"] = {DISCONNECT_EXTENSION: {"watch": cycle.watch}}
+        scope["extensions"] = {DISCONNECT_EXTENSION: {"watch": cycle.watch}, BODY_EXTENSION: {"take": cycle.take_body}}
         if previous is None or previous.response_complete:
             self._start_asgi_task(cycle, self.app)
         else:  # a pipelined request: it waits for the response before it

@@ -10,6 +10,7 @@ import re
 import pytest
 
 from gateway.config import Settings
+from gateway.inbox import BODY_EXTENSION
 from gateway.types import Receive, Scope, Send
 from tests.live import serving
 from tests.proxy_harness import response_complete
@@ -18,13 +19,20 @@ from tests.uvicorn_thread import read_body
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     """/body: echoes the body (Content-Length); /chunked: no Content-Length; /fail: raises; /late-fail: raises after
-    the response head; /empty: returns without answering."""
+    the response head; /empty: returns without answering; /take: echoes the body as the flowgate.body extension
+    or receive() gave it."""
     if scope["type"] != "http":
         return
     path = scope["path"]
     if path == "/fail":
         raise RuntimeError("the app failed")
     if path == "/empty":
+        return
+    if path == "/take":  # the whole body through the flowgate.body extension, or (not all there yet) receive()
+        taken = scope["extensions"][BODY_EXTENSION]["take"]()
+        body = b"taken:" + taken if taken is not None else b"received:" + await read_body(receive)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
         return
     body = await read_body(receive)
     if path == "/chunked":
@@ -123,3 +131,19 @@ async def test_the_admin_port_still_checks_response_headers() -> None:
     async with serving(bad, role="admin") as url:
         data = await talk(int(url.rsplit(":", 1)[1]), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", until_closed=True)
     assert data == b""  # as uvicorn does: the head is refused, the connection cut; nothing reaches the client
+
+
+async def test_a_body_that_came_with_the_head_is_taken_whole_else_received(port: int) -> None:
+    whole = await talk(port, b"POST /take HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    assert whole.endswith(b"\r\n\r\ntaken:hello")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        # the body comes only once the app reads it (100-continue): take() finds none of it
+        writer.write(b"POST /take HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"hello")
+            answer = await reader.readuntil(b"received:hello")
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    finally:
+        writer.close()

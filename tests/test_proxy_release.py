@@ -50,14 +50,16 @@ async def test_released_after_success_error_and_timeout(upstream: Upstream, stor
 
 
 @pytest.mark.parametrize("http", ["flowgate", "httptools"])  # disconnect reported by the server, or by receive()
+@pytest.mark.parametrize("body", ["", "payload"])  # with a body that arrived whole, flowgate's server takes it at once
 async def test_client_gone_while_waiting_is_never_forwarded(
-    upstream: Upstream, store_uri: str, key: str, http: str
+    upstream: Upstream, store_uri: str, key: str, http: str, body: str
 ) -> None:
     async with running_gateway(upstream.url, store_uri, http=http) as gateway:
         first = asyncio.create_task(get(f"{gateway.url}/first?sleep=0.6", fc(key)))
         await eventually(lambda: upstream.app.in_flight(key) == 1)
         request = (
-            f"GET /second HTTP/1.1\r\nHost: gw\r\nFlow-Control-Key: {key}\r\nFlow-Control-Value: parallelism=1\r\n\r\n"
+            f"{'POST' if body else 'GET'} /second HTTP/1.1\r\nHost: gw\r\nFlow-Control-Key: {key}\r\n"
+            f"Flow-Control-Value: parallelism=1\r\nContent-Length: {len(body)}\r\n\r\n{body}"
         )
         with contextlib.suppress(TimeoutError):
             await raw_exchange(gateway.port, request.encode(), timeout=0.2)  # gives up while waiting

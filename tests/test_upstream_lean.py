@@ -745,6 +745,26 @@ async def test_request_framing_as_seen_by_the_server() -> None:
     assert srv.accepted == 1
 
 
+async def test_a_whole_body_is_framed_by_its_content_length_or_chunked() -> None:
+    async with ScriptedServer(respond_each(lambda r: ok())) as srv:
+        client = LeanClient(srv.url)
+        try:
+            await client.request("POST", "/len", [(b"Content-Length", b"10")], b"helloworld", timeout=5)
+            await client.request("POST", "/chunked", [], b"hello", timeout=5)
+            await client.request("POST", "/empty", [], b"", timeout=5)
+            with pytest.raises(ValueError, match="9 bytes under Content-Length 10"):
+                await client.request("POST", "/short", [(b"Content-Length", b"10")], b"helloworl", timeout=5)
+        finally:
+            await client.aclose()
+    length, chunked, empty = srv.requests
+    assert b"\r\nContent-Length: 10\r\n" in length.head and length.raw_body == b"helloworld"
+    assert (
+        chunked.head.endswith(b"Transfer-Encoding: chunked\r\n\r\n") and chunked.raw_body == b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    assert empty.raw_body == b"0\r\n\r\n"
+    assert srv.accepted == 1
+
+
 @pytest.mark.parametrize(
     ("headers", "chunks", "problem"),
     [

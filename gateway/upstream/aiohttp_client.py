@@ -102,7 +102,7 @@ class AiohttpClient:
         method: str,
         target: str,
         headers: Headers,
-        body: AsyncIterable[bytes] | None,
+        body: AsyncIterable[bytes] | bytes | None,
         *,
         timeout: float,
     ) -> AiohttpResponse:

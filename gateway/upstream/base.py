@@ -38,14 +38,15 @@ class UpstreamClient(Protocol):
         method: str,
         target: str,
         headers: Headers,
-        body: AsyncIterable[bytes] | None,
+        body: AsyncIterable[bytes] | bytes | None,
         *,
         timeout: float,
     ) -> UpstreamResponse:
         """Send `method target` (origin-form path + query) to the configured upstream.
 
         `headers` are sent as given (the proxy already set Host and stripped hop-by-hop headers); framing
-        headers (Content-Length / Transfer-Encoding) describe `body`. Returns once response headers arrive.
+        headers (Content-Length / Transfer-Encoding) describe `body`: None (no body), the whole body as bytes, or
+        its chunks as they come. Returns once response headers arrive.
         """
         ...
 

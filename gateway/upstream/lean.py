@@ -7,7 +7,8 @@ supported yet: a ConfigError says so). What it does, and the rules it keeps:
   for `idle_timeout` seconds is closed. Connecting takes at most `connect_timeout` seconds (else UpstreamTimeout).
 - **Request framing**: headers are sent as given, plus `Host` when missing. With a body, a `Content-Length` header
   frames it (the body must match it exactly; the iterator is not advanced past the announced length); without one,
-  the body is sent chunked (`Transfer-Encoding: chunked` is added when missing). `body=None` sends no body.
+  the body is sent chunked (`Transfer-Encoding: chunked` is added when missing). `body=None` sends no body; a
+  `bytes` body is the whole body, written with the head in one send.
   Inconsistent framing (a length or Transfer-Encoding without a body, both headers with a body) is a ValueError.
 - **Response framing**: Content-Length, chunked (extensions ignored, trailers kept in `response.trailers`) or
   read-until-close; no body for HEAD, 204, 304; interim 1xx responses are skipped. A 101 is returned as final and
@@ -79,22 +80,30 @@ class LeanClient:
         method: str,
         target: str,
         headers: Headers,
-        body: AsyncIterable[bytes] | None,
+        body: AsyncIterable[bytes] | bytes | None,
         *,
         timeout: float,
     ) -> LeanResponse:
         head, length = self._head(method, target, headers, body)
+        chunks: AsyncIterable[bytes] | None
+        if isinstance(body, bytes):  # the whole body: written with the head, in one send
+            head += _framed(body, length)
+            chunks = None
+        else:
+            chunks = body
         is_head = method == "HEAD"
         conn = self._pool.idle_connection() or await self._pool.acquire(False)
         try:
-            return await conn.exchange(head, body, length, timeout, is_head)
+            return await conn.exchange(head, chunks, length, timeout, is_head)
         except UpstreamUnreachable:
             if body is not None or not conn.retryable or method not in _IDEMPOTENT:
                 raise
         conn = await self._pool.acquire(True)  # once, on a fresh connection
         return await conn.exchange(head, None, length, timeout, is_head)
 
-    def _head(self, method: str, target: str, headers: Headers, body: AsyncIterable[bytes] | None) -> tuple[bytes, int]:
+    def _head(
+        self, method: str, target: str, headers: Headers, body: AsyncIterable[bytes] | bytes | None
+    ) -> tuple[bytes, int]:
         """The request head as one bytes object, and the body's length (-1: chunked)."""
         if "\r" in target or "\n" in target or " " in target:
             raise ValueError(f"request target contains whitespace: {target!r}")
@@ -139,6 +148,15 @@ class LeanClient:
     async def aclose(self) -> None:
         """Close every connection, idle or busy; requests in flight fail with UpstreamUnreachable."""
         await self._pool.aclose()
+
+
+def _framed(body: bytes, length: int) -> bytes:
+    """A whole request body as it goes on the wire: as is under its Content-Length, else chunked."""
+    if length < 0:
+        return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+    if len(body) != length:
+        raise ValueError(f"request body of {len(body)} bytes under Content-Length {length}")
+    return body
 
 
 def _content_length(value: bytes) -> int:
