@@ -7,9 +7,10 @@ instrumentation off. After a warm-up, wrk drives the gateway with 16 connections
 instrumentation is on; instructions counted / requests served = user-space instructions per request. The kernel's
 share (the socket system calls) is not counted. On a shared machine req/s and CPU time swing by half from run to
 run; these counts repeat within about 1%, so two source trees can be compared one after the other
-(`--tree old --tree new`, e.g. a `git worktree` of the commit before). Rows: passthrough, memory:// and redis://
-with a key of parallelism 64 (never throttled). Under callgrind the gateway runs ~50 times slower, so its batches of
-Redis operations are fuller than at full speed: compare trees with each other, not with `proxy.py`'s figures.
+(`--tree old --tree new`, e.g. a `git worktree` of the commit before). Rows: passthrough, memory:// (GET, and a
+POST of a small JSON body, as webhooks send) and redis://, with a key of parallelism 64 (never throttled). Under
+callgrind the gateway runs ~50 times slower, so its batches of Redis operations are fuller than at full speed:
+compare trees with each other, not with `proxy.py`'s figures.
 valgrind, wrk and nginx are installed with apt-get when missing. Results are appended to benchmarks/RESULTS.md.
 """
 
@@ -37,7 +38,17 @@ from benchmarks.proxy import RESULTS, ensure_tools, free_port, nginx, stop  # no
 CONNECTIONS = 16
 WARM_UP = 5.0
 START_TIMEOUT = 180.0  # Python under valgrind takes a while to start
-ROWS = {"passthrough": None, "memory:// p=64": "memory", "redis:// p=64": "redis"}
+# row -> (store, or None for no rule; whether each request is a POST of a small JSON body, as webhooks are)
+ROWS = {
+    "passthrough": (None, False),
+    "memory:// p=64": ("memory", False),
+    "memory:// p=64, POST": ("memory", True),
+    "redis:// p=64": ("redis", False),
+}
+POST_SCRIPT = """wrk.method = "POST"
+wrk.body = '{"event":"order.created","id":12345}'
+wrk.headers["Content-Type"] = "application/json"
+"""
 
 
 @contextlib.contextmanager
@@ -89,8 +100,10 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], log: str) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {START_TIMEOUT:g}s")
 
 
-def wrk_requests(url: str, seconds: float) -> int:
+def wrk_requests(url: str, seconds: float, script: str | None = None) -> int:
     args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{int(seconds)}s", "--timeout", "30s", url]
+    if script is not None:
+        args[1:1] = ["-s", script]
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60).stdout
     found = re.search(r"(\d+) requests in", out)
     if found is None or "Non-2xx" in out or "Socket errors" in out:
@@ -98,8 +111,15 @@ def wrk_requests(url: str, seconds: float) -> int:
     return int(found.group(1))
 
 
-def measure(tree: str, store: str | None, seconds: float, workdir: str, upstream: str) -> tuple[float, float | None]:
+def measure(
+    tree: str, store: str | None, post: bool, seconds: float, workdir: str, upstream: str
+) -> tuple[float, float | None]:
     """(gateway instructions per request, redis-server instructions per request or None)."""
+    script = None
+    if post:
+        script = os.path.join(workdir, "post.lua")
+        with open(script, "w") as handle:
+            handle.write(POST_SCRIPT)
     with contextlib.ExitStack() as stack:
         redis_counter = None
         store_uri = "memory://"
@@ -120,12 +140,12 @@ def measure(tree: str, store: str | None, seconds: float, workdir: str, upstream
         serve = [sys.executable, "-c", "import sys; from gateway.cli import main; sys.exit(main())"]
         gateway = stack.enter_context(callgrind([*serve, "serve", "--config", config], port, workdir, "gw", tree))
         url = f"http://127.0.0.1:{port}/"
-        wrk_requests(url, WARM_UP)
+        wrk_requests(url, WARM_UP, script)
         counters = [gateway] + ([redis_counter] if redis_counter else [])
         for counter in counters:
             counter.instructions()  # drop what start-up and the warm-up counted
             counter.control("--instr=on")
-        requests = wrk_requests(url, seconds)
+        requests = wrk_requests(url, seconds, script)
         for counter in counters:
             counter.control("--instr=off")
         gateway_per = gateway.instructions() / requests
@@ -150,8 +170,8 @@ def main() -> None:
         up_port = free_port()
         servers.enter_context(nginx(up_port, None, workdir))
         for tree in trees:
-            for row, store in ROWS.items():
-                gateway, redis = measure(tree, store, options.seconds, workdir, f"http://127.0.0.1:{up_port}")
+            for row, (store, post) in ROWS.items():
+                gateway, redis = measure(tree, store, post, options.seconds, workdir, f"http://127.0.0.1:{up_port}")
                 results.setdefault(tree, {})[row] = (gateway, redis)
                 beside = f", redis-server {redis:,.0f}" if redis is not None else ""
                 print(f"{describe(tree)}  {row:<16} gateway {gateway:,.0f} instructions/request{beside}", flush=True)
@@ -180,8 +200,8 @@ def render(results: dict[str, dict[str, tuple[float, float | None]]], seconds: f
         f"`python benchmarks/instructions.py`: `flowgate serve` under callgrind, wrk -c{CONNECTIONS} for {seconds:g}s "
         "after a warm-up; user-space instructions per request (repeatable within ~1%). The redis:// row also counts "
         "its redis-server.\n",
-        "| tree | passthrough | memory:// p=64 | redis:// p=64 | redis-server per request |",
-        "|---|---:|---:|---:|---:|",
+        f"| tree | {' | '.join(ROWS)} | redis-server per request |",
+        "|---|" + "---:|" * (len(ROWS) + 1),
     ]
     for tree, rows in results.items():
         cells = [f"{rows[row][0]:,.0f}" for row in ROWS]
