@@ -7,7 +7,8 @@ again just before each Python row, and that row's ratio is taken against it):
 upstream direct · nginx proxy_pass with keepalive · naive Starlette+aiohttp proxy (also with two Redis calls per
 request) · naive Starlette+httpx proxy · `flowgate serve` (what ships: uvicorn with Flowgate's protocol, one
 worker) passing through, and with a flow-controlled key (parallelism 64, so the limit never throttles) on
-memory:// and redis:// (its own redis-server), with the lean and the aiohttp upstream clients · the same proxy
+memory:// and redis:// (its own redis-server), with the lean and the aiohttp upstream clients (and on memory://
+with the express lane off: every request through the ASGI app) · the same proxy
 as a plain ASGI app under stock uvicorn and under granian (the server comparison).
 Each Python row also reports the gateway process's CPU time per request (from /proc). With profiling on, py-spy
 samples `flowgate serve` on redis:// during its row and the report says where that CPU time goes.
@@ -221,7 +222,13 @@ def measure(url: str, duration: float, connections: int, pid: int | None = None)
 
 @contextlib.contextmanager
 def flowgate_serve(
-    port: int, upstream: str, store: str, rules: list[dict[str, object]], client: str, workdir: str
+    port: int,
+    upstream: str,
+    store: str,
+    rules: list[dict[str, object]],
+    client: str,
+    workdir: str,
+    express_lane: bool = True,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`flowgate serve` as users run it (one worker), with `rules` in its TOML config."""
     path = os.path.join(workdir, f"flowgate-{port}.toml")
@@ -235,6 +242,7 @@ def flowgate_serve(
         f"admin_port = {admin_port}",
         'log_level = "warning"',
         f'upstream_client = "{client}"',
+        f"express_lane = {str(express_lane).lower()}",
     ]
     for index, rule in enumerate(rules):
         lines += ["[[rules]]", f'name = "r{index}"', *(f"{name} = {json.dumps(value)}" for name, value in rule.items())]
@@ -428,15 +436,16 @@ def main() -> None:
             with process(uvicorn_args(target, port), port, env) as proc:
                 run(name, port, proc.pid)
         served = [
-            ("flowgate serve, passthrough, lean client", "memory://", [], "lean"),
-            ("flowgate serve, memory:// p=64, lean client", "memory://", bench_rules, "lean"),
-            ("flowgate serve, memory:// p=64, aiohttp client", "memory://", bench_rules, "aiohttp"),
-            ("flowgate serve, redis:// p=64, lean client", redis.url, bench_rules, "lean"),
-            ("flowgate serve, redis:// p=64, aiohttp client", redis.url, bench_rules, "aiohttp"),
+            ("flowgate serve, passthrough, lean client", "memory://", [], "lean", True),
+            ("flowgate serve, memory:// p=64, lean client", "memory://", bench_rules, "lean", True),
+            ("flowgate serve, memory:// p=64, lean client, express lane off", "memory://", bench_rules, "lean", False),
+            ("flowgate serve, memory:// p=64, aiohttp client", "memory://", bench_rules, "aiohttp", True),
+            ("flowgate serve, redis:// p=64, lean client", redis.url, bench_rules, "lean", True),
+            ("flowgate serve, redis:// p=64, aiohttp client", redis.url, bench_rules, "aiohttp", True),
         ]
-        for name, store, rules, client in served:
+        for name, store, rules, client, lane in served:
             port = free_port()
-            with flowgate_serve(port, upstream, store, rules, client, workdir) as proc:
+            with flowgate_serve(port, upstream, store, rules, client, workdir, lane) as proc:
                 profiled = not options.no_profile and store != "memory://" and client == "lean"
                 if profiled:
                     raw = os.path.join(workdir, "profile.txt")
@@ -445,7 +454,7 @@ def main() -> None:
                     profile = components(raw)
                 else:
                     run(name, port, proc.pid)
-                if rules and client == "lean":
+                if rules and client == "lean" and lane:
                     p50, p99, errors = asyncio.run(fixed_rate(port, "/", 1000, duration))
                     latency_rows.append((name, p50, p99, errors))
         for name, server in [

@@ -65,6 +65,8 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_TRUST_POLICY_HEADERS = True
 #: One log line per request costs ~10-20 µs; off unless asked for.
 DEFAULT_ACCESS_LOG = False
+#: Requests that can go at once are relayed without a task (gateway/relay.py); off only to compare or rule it out.
+DEFAULT_EXPRESS_LANE = True
 MAX_TIMEOUT = 86400.0
 
 ENV_PREFIX = "FLOWGATE_"
@@ -108,6 +110,7 @@ class Settings:
     access_log: bool = DEFAULT_ACCESS_LOG
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
     upstream_client: str = DEFAULT_UPSTREAM_CLIENT
+    express_lane: bool = DEFAULT_EXPRESS_LANE
     max_body: int = DEFAULT_MAX_BODY
     max_keys: int = DEFAULT_MAX_KEYS
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
@@ -325,6 +328,7 @@ _TOP: dict[str, Parser] = {
     "access_log": lambda v, n, t: _boolean(v, n, t),
     "upstream_timeout": lambda v, n, t: _duration(v, n, 0, MAX_TIMEOUT),
     "upstream_client": lambda v, n, t: _upstream_client(v, n),
+    "express_lane": lambda v, n, t: _boolean(v, n, t),
     "max_body": lambda v, n, t: _size(v, n),
     "max_keys": lambda v, n, t: _integer(v, n, 1, 10**9, t),
     "header_timeout": lambda v, n, t: _duration(v, n, 0, MAX_TIMEOUT),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
+from .inbox import BODY_EXTENSION, DISCONNECT_EXTENSION
 from .types import ASGIApp, Message
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class RequestCycle:
         "chunked",
         "default_headers",
         "disconnected",
+        "drained",
         "flow",
         "keep_alive",
         "more_body",
@@ -105,6 +107,7 @@ class RequestCycle:
         self._remaining = 0  # Content-Length bytes still to send
         self._done = False  # the app returned
         self.watcher: Callable[[], object] | None = None
+        self.drained: Callable[[], object] | None = None  # called when the client's socket takes writes again
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] | None = None
 
@@ -159,6 +162,9 @@ class RequestCycle:
         """Run `app` for this request in a task of its own, kept in `tasks` while it runs (the server waits for
         them when it stops). The task leaves `tasks` itself: no done-callback (one loop callback per request)."""
         self._loop = loop  # receive() waits on it (asyncio.get_running_loop() makes a getpid() call on 3.11)
+        # made here, not with the scope: a relayed request (relay.py) never runs as the app and needs none
+        extensions = {DISCONNECT_EXTENSION: {"watch": self.watch}, BODY_EXTENSION: {"take": self.take_body}}
+        self.scope["extensions"] = extensions
         task = self._task = loop.create_task(self.run(app))
         self._tasks = tasks
         tasks.add(task)
@@ -225,15 +231,15 @@ class RequestCycle:
         if not self.response_started:
             if kind != "http.response.start":
                 raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{kind}'.")
-            self._start(message["status"], message.get("headers", ()))
+            self.start_response(message["status"], message.get("headers", ()))
         elif not self.response_complete:
             if kind != "http.response.body":
                 raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
-            self._write_body(message.get("body", b""), message.get("more_body", False))
+            self.write_body(message.get("body", b""), message.get("more_body", False))
         else:
             raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
 
-    def _start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+    def start_response(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         self.response_started = True
         self.waiting_for_100_continue = False
         scope = self.scope
@@ -283,7 +289,7 @@ class RequestCycle:
         lines.append(b"\r\n")
         self.transport.write(b"\r\n".join(lines))
 
-    def _write_body(self, body: bytes, more_body: bool) -> None:
+    def write_body(self, body: bytes, more_body: bool) -> None:
         transport = self.transport
         if self.scope["method"] == "HEAD":
             self._remaining = 0

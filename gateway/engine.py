@@ -146,6 +146,19 @@ class FlowController:
         self._forget_ticket(key, ticket)
         return self._hold(key, ticket, started)
 
+    def try_acquire(self, key: str, policy: Policy) -> Lease | None:
+        """A lease of `key` at once, with no waiting and no I/O, when the store can grant one that way (the
+        memory store, nothing waiting, within the limits); else None, with nothing changed: then `acquire`."""
+        ticket = self._ids.next()
+        if not self.store.admit_now(key, policy, ticket, self.lease_ttl):
+            return None
+        return self._hold(key, ticket, time.monotonic())
+
+    def release_now(self, lease: Lease) -> bool | None:
+        """`release` with no I/O when the store can (the memory store); None when it cannot (then `release`)."""
+        self._held.pop(lease.id, None)
+        return self.store.release_now(lease.key, lease.id)
+
     async def release(self, lease: Lease) -> bool:
         """Free the token (it goes to the next waiter at once); False if the lease was unknown or expired.
 

@@ -96,6 +96,10 @@ class ProxyApp:
         self._opened = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it serves in (its client's connections too)
 
+    @property
+    def opened(self) -> bool:
+        return self._opened
+
     def __repr__(self) -> str:
         return f"ProxyApp(upstream={self.upstream!r}, router={self.router!r})"
 
@@ -122,7 +126,7 @@ class ProxyApp:
         if not self._opened:
             await self.open()
         try:
-            headers, content_length = self._request_headers(scope)
+            headers, content_length = self.request_headers(scope)
             route = None if self.router.passthrough else self.router.route(scope)
         except DeliveryError as exc:
             self.observer.refused(exc)
@@ -141,7 +145,7 @@ class ProxyApp:
         elif content_length is None:
             watch = None
         inbox = RequestInbox(receive, task, body_timeout=self.body_timeout, watch=watch)
-        exchange = _Exchange(route)
+        exchange = Exchange(route)
         try:
             if route is not None:
                 exchange.lease = await self._acquire(route, send)
@@ -180,7 +184,7 @@ class ProxyApp:
         elif kind == "websocket":
             await self._refuse_websocket(scope, receive, send)
 
-    def _release_soon(self, inbox: RequestInbox, exchange: _Exchange) -> None:
+    def _release_soon(self, inbox: RequestInbox, exchange: Exchange) -> None:
         """Release on a path that cannot await (cancellation, an error on its way up)."""
         inbox.close()
         if exchange.lease is not None and not exchange.held:
@@ -210,7 +214,7 @@ class ProxyApp:
         headers: Headers,
         content_length: int | None,
         whole: bytes | None,
-        exchange: _Exchange,
+        exchange: Exchange,
     ) -> None:
         """Send the request upstream and stream the answer back."""
         body: bytes | AsyncIterator[bytes] | None = whole
@@ -219,7 +223,7 @@ class ProxyApp:
         started = time.perf_counter()
         try:
             response = await self.client.request(
-                scope["method"], _target(scope), headers, body, timeout=self.upstream_timeout
+                scope["method"], upstream_target(scope), headers, body, timeout=self.upstream_timeout
             )
         except DeliveryError as exc:
             if inbox.too_large:
@@ -238,7 +242,24 @@ class ProxyApp:
         finally:
             await response.aclose()
 
-    async def _respond(self, send: Send, inbox: RequestInbox, response: UpstreamResponse, exchange: _Exchange) -> None:
+    async def _respond(self, send: Send, inbox: RequestInbox, response: UpstreamResponse, exchange: Exchange) -> None:
+        out = self.response_headers(response, exchange)
+        await send({"type": "http.response.start", "status": response.status, "headers": out})
+        try:
+            async for chunk in response.body():  # each chunk goes on at once: a stream's events are not held back
+                if response.complete:  # the last one: it ends the response, with no empty message after it
+                    inbox.disarm()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except DeliveryError:
+            return  # the response has started: all we can do is cut the connection (by not completing it)
+        inbox.disarm()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def response_headers(self, response: UpstreamResponse, exchange: Exchange) -> Headers:
+        """The upstream's response headers as the client gets them: hop-by-hop headers dropped, and with a lease,
+        `Flow-Control-Waited`. An answer with `Flow-Control-Hold: 1` detaches the lease (`exchange.held`)."""
         out: Headers = []
         hold = False
         listed: frozenset[bytes] = frozenset()
@@ -259,18 +280,7 @@ class ProxyApp:
             if hold:
                 self.controller.detach(lease)
                 exchange.held = True
-        await send({"type": "http.response.start", "status": response.status, "headers": out})
-        try:
-            async for chunk in response.body():  # each chunk goes on at once: a stream's events are not held back
-                if response.complete:  # the last one: it ends the response, with no empty message after it
-                    inbox.disarm()
-                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                    return
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except DeliveryError:
-            return  # the response has started: all we can do is cut the connection (by not completing it)
-        inbox.disarm()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return out
 
     async def _body(self, inbox: RequestInbox) -> AsyncIterator[bytes]:
         received = 0
@@ -285,7 +295,7 @@ class ProxyApp:
             if not more:
                 return
 
-    def _request_headers(self, scope: Scope) -> tuple[Headers, int | None]:
+    def request_headers(self, scope: Scope) -> tuple[Headers, int | None]:
         """Headers for the upstream, and the request's Content-Length (None when chunked).
 
         Raises the 400/405/413/501 answers for requests the proxy will not forward.
@@ -391,7 +401,7 @@ async def _absorb_cancel(task: asyncio.Task[object]) -> None:
         task.uncancel()
 
 
-class _Exchange:
+class Exchange:
     """The route and lease of one request, and whether the upstream asked to hold it (completion reporting)."""
 
     __slots__ = ("held", "lease", "route")
@@ -402,7 +412,8 @@ class _Exchange:
         self.held = False
 
 
-def _target(scope: Scope) -> str:
+def upstream_target(scope: Scope) -> str:
+    """The request target to send upstream: the raw path (as the client sent it) and query."""
     raw_path: bytes | None = scope.get("raw_path")
     path = _text(raw_path) if raw_path else quote(scope["path"])
     query: bytes = scope.get("query_string", b"")

@@ -45,9 +45,9 @@ from .cycle import RequestCycle
 from .deadlines import Deadlines
 from .engine import FlowController
 from .errors import StoreUnavailable
-from .inbox import BODY_EXTENSION, DISCONNECT_EXTENSION
 from .metrics import Metrics, mark_dead, multiprocess_dir
 from .proxy import ProxyApp
+from .relay import ExpressFactory, ExpressLane
 from .stores import open_store
 from .types import ASGIApp
 from .upstream import open_upstream_client
@@ -101,9 +101,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     #: Check each response header's name and value (uvicorn's regular expressions). The proxy port skips it:
     #: its headers come from the upstream client's parser or from the gateway itself.
     check_headers = True
+    #: Makes the connection's express lane (relay.py) for the app, or None: every request runs as the ASGI app.
+    express: ExpressFactory | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        express = self.express
+        self._lane = express(self.app, self._run_app) if express is not None else None
+        self._deferred: RequestCycle | None = None  # complete request head; the lane may take it once its body is in
         self._head_bytes = 0
         self._head_fields = 0
         self._has_host = False
@@ -141,18 +146,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            self._deferred = None
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
             return
         except httptools.HttpParserError as exc:
+            self._deferred = None  # its body was malformed: it never runs
             refusal = exc.__context__
             if not isinstance(refusal, _Refusal):
                 self.logger.debug("invalid HTTP request: %s", exc)
                 refusal = _Refusal(400, "bad_request", "the request is not valid HTTP/1.1")
             self._refuse(refusal)
             return
+        deferred = self._deferred
+        if deferred is not None:  # its body is still on its way: the app reads it
+            self._deferred = None
+            self._run_app(deferred)
         if self._reading_head and continuing:
             # The parser buffers a header until it ends: bound what an unfinished head may pile up.
             self._pending += len(data)
@@ -241,12 +252,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             access_log=self.access_log,
             check_headers=self.check_headers,
         )
-        scope["extensions"] = {DISCONNECT_EXTENSION: {"watch": cycle.watch}, BODY_EXTENSION: {"take": cycle.take_body}}
-        if previous is None or previous.response_complete:
-            self._start_asgi_task(cycle, self.app)
-        else:  # a pipelined request: it waits for the response before it
+        if previous is not None and not previous.response_complete:  # pipelined: it waits for the response before it
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, self.app))
+        elif self._lane is not None and not self.expect_100_continue:
+            self._deferred = cycle  # offered to the lane once the whole request is in (on_message_complete)
+        else:
+            self._run_app(cycle)
+
+    def _run_app(self, cycle: RequestCycle) -> None:
+        self._start_asgi_task(cycle, self.app)
 
     def _start_asgi_task(self, cycle: RequestCycle, app: ASGIApp) -> None:  # type: ignore[override]
         cycle.start_task(app, self.tasks, self.loop)
@@ -262,6 +277,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if not self._upgrading and cycle is not None and not cycle.response_complete:
             cycle.end_body()
+            if self._deferred is cycle:
+                self._deferred = None
+                assert self._lane is not None
+                if not self._lane.start(cycle):
+                    self._run_app(cycle)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        cycle = self.cycle
+        if cycle is not None and cycle.drained is not None:
+            cycle.drained()  # a relayed response waits for the client to take more
 
     # Deadlines: one timer for every connection of the loop (see deadlines.py), not two timers per request.
 
@@ -478,7 +504,7 @@ def make_server(app: ASGIApp, settings: Settings, role: str) -> ServerHandle:
     config = uvicorn.Config(
         app,
         loop="none",  # the loop is ours (uvloop, see run)
-        http=_protocol(settings.header_timeout, check_headers=not proxy),
+        http=protocol_for(app, role, settings.header_timeout, express_lane=settings.express_lane),
         ws="none",  # no WebSockets: an Upgrade request reaches the proxy as plain HTTP, which answers 501
         lifespan="on" if proxy else "off",
         interface="asgi3",
@@ -495,9 +521,18 @@ def make_server(app: ASGIApp, settings: Settings, role: str) -> ServerHandle:
     return UvicornHandle(config)
 
 
-def _protocol(head_timeout: float, *, check_headers: bool) -> type[LimitedHttpToolsProtocol]:
-    """LimitedHttpToolsProtocol with these settings (uvicorn builds its protocol objects from a class)."""
-    settings: dict[str, object] = {"check_headers": check_headers}
+def protocol_for(
+    app: ASGIApp, role: str, head_timeout: float = DEFAULT_HEADER_TIMEOUT, *, express_lane: bool = True
+) -> type[LimitedHttpToolsProtocol]:
+    """The LimitedHttpToolsProtocol class `flowgate serve` runs `app` with on its `role` port ("proxy" or "admin").
+
+    On the proxy port: no check of response headers (they come from the upstream client's parser or from the
+    gateway), and the express lane (relay.py) when `app` can use one and `express_lane` is on. uvicorn builds
+    protocol objects from a class.
+    """
+    proxy = role == "proxy"
+    express = ExpressLane.factory(app) if proxy and express_lane else None
+    settings: dict[str, object] = {"check_headers": not proxy, "express": staticmethod(express) if express else None}
     if head_timeout != DEFAULT_HEADER_TIMEOUT:
         settings["head_timeout"] = head_timeout
     return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), settings)

@@ -19,7 +19,7 @@ from gateway.engine import FlowController
 from gateway.policy import Policy
 from gateway.proxy import ProxyApp
 from gateway.rules import Router, Rule
-from gateway.server import LimitedHttpToolsProtocol
+from gateway.server import protocol_for
 from gateway.stores import Store, open_store
 from gateway.upstream import open_upstream_client
 from tests.upstream_app import free_port
@@ -48,10 +48,12 @@ async def running_gateway(
     trusted_proxies: Sequence[str] = (),
     lease_ttl: float = 60.0,
     http: str = "flowgate",
+    express_lane: bool = True,
     **app_options: Any,
 ) -> AsyncIterator[Gateway]:
     """uvicorn serving a ProxyApp on a free port, in this event loop, with `flowgate serve`'s protocol (`http`
-    "flowgate") or uvicorn's own ("httptools": a plain ASGI server, without Flowgate's extensions)."""
+    "flowgate": with the lean client, requests that can go at once take its express lane, see gateway/relay.py)
+    or uvicorn's own ("httptools": a plain ASGI server, without Flowgate's extensions)."""
     store = open_store(store_uri)
     controller = FlowController(store, lease_ttl=lease_ttl)
     router = Router(
@@ -67,7 +69,7 @@ async def running_gateway(
         app,
         host="127.0.0.1",
         port=port,
-        http=LimitedHttpToolsProtocol if http == "flowgate" else http,
+        http=protocol_for(app, "proxy", express_lane=express_lane) if http == "flowgate" else http,
         log_level="warning",
         lifespan="on",
         proxy_headers=False,

@@ -95,6 +95,7 @@ def test_every_scalar_from_environment() -> None:
         "FLOWGATE_WORKERS": "3",
         "FLOWGATE_LOG_LEVEL": "WARNING",
         "FLOWGATE_ACCESS_LOG": "yes",
+        "FLOWGATE_EXPRESS_LANE": "off",
         "FLOWGATE_UPSTREAM_TIMEOUT": "1m30s",
         "FLOWGATE_MAX_BODY": "512KB",
         "FLOWGATE_LEASE_TTL": "2m",
@@ -108,6 +109,7 @@ def test_every_scalar_from_environment() -> None:
     assert (settings.host, settings.port, settings.admin_host, settings.admin_port) == ("0.0.0.0", 9000, "::1", 9001)
     assert settings.admin_token == "s3cret-token"
     assert (settings.workers, settings.log_level, settings.access_log) == (3, "warning", True)
+    assert settings.express_lane is False
     assert (settings.upstream_timeout, settings.max_body, settings.lease_ttl) == (90.0, 512_000, 120.0)
     assert settings.drain_timeout == 0.0
     assert settings.trust_policy_headers is False

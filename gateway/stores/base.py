@@ -81,6 +81,8 @@ class Store(ABC):
     #: True when wake-ups can be lost (another process admitted a ticket and died before telling its
     #: owner); the engine then re-checks its waiting tickets on a slow safety timer.
     wakeups_can_be_lost: bool = False
+    #: True when `admit_now` can admit (it answers without I/O); False when it always answers False.
+    admits_at_once: bool = False
 
     @abstractmethod
     def subscribe(self, owner: str, on_admit: AdmitCallback) -> None:
@@ -97,6 +99,15 @@ class Store(ABC):
         `policy` becomes the key's policy unless the key is pinned (pinned fields win) and applies to waiting
         tickets at once. A ticket is admitted at once only when nothing waits ahead of it.
         """
+
+    def admit_now(self, key: str, policy: Policy, ticket: str, lease_ttl: float) -> bool:
+        """Admit `ticket` at once, with no I/O, if it may start now with nothing waiting ahead; False leaves no
+        trace of it (the caller then `enter`s it). Stores that need I/O to decide always answer False."""
+        return False
+
+    def release_now(self, key: str, lease: str) -> bool | None:
+        """`release` with no I/O, for stores that can; None when this store cannot (then `release`)."""
+        return None
 
     @abstractmethod
     async def pump(self, key: str, tickets: Sequence[str] = ()) -> PumpResult:

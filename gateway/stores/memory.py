@@ -109,6 +109,8 @@ class _Key:
 class MemoryStore(Store):
     """In-process store: `memory://`. One process only; limits are not shared between processes."""
 
+    admits_at_once = True
+
     def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int | None = None) -> None:
         self._clock = clock
         self._max_keys = max_keys
@@ -127,26 +129,14 @@ class MemoryStore(Store):
 
     async def enter(self, key: str, policy: Policy, ticket: str, owner: str, lease_ttl: float) -> Entry:
         now = self._clock()
-        state = self._keys.get(key)
+        state = self._keys.get(key) or self._new_key(key, policy, now)
         if state is None:
-            if self._max_keys is not None and len(self._keys) >= self._max_keys:
-                self._sweep(now)
-                if len(self._keys) >= self._max_keys:
-                    return Refused("too_many_keys", 1.0)
-            state = self._keys[key] = _Key(policy, policy)
-            self._new_keys += 1
-            if self._new_keys % _SWEEP_EVERY == 0:
-                self._sweep(now)
-                self._keys[key] = state
+            return Refused("too_many_keys", 1.0)
         if ticket in state.leases:
             return Admitted(ticket)
         if ticket in state.waiting:
             return Queued(list(state.waiting).index(ticket) + 1, state.blocked_for(now))
-        changed = state.request(policy)
-        state.trim(now)
-        if changed and state.waiting:
-            self._admit_waiting(key, state, now)
-        if not state.waiting and state.blocked_for(now) == 0.0:
+        if self._may_start(key, state, policy, now):
             state.start(ticket, lease_ttl, now)
             return Admitted(ticket)
         effective = state.policy
@@ -156,6 +146,35 @@ class MemoryStore(Store):
         blocked_for = state.blocked_for(now)
         self._arm(key, state, blocked_for)
         return Queued(len(state.waiting), blocked_for)
+
+    def admit_now(self, key: str, policy: Policy, ticket: str, lease_ttl: float) -> bool:
+        now = self._clock()
+        state = self._keys.get(key) or self._new_key(key, policy, now)
+        if state is None or not self._may_start(key, state, policy, now):
+            return False
+        state.start(ticket, lease_ttl, now)
+        return True
+
+    def _new_key(self, key: str, policy: Policy, now: float) -> _Key | None:
+        """A new key's state, or None when `max_keys` live keys leave no room for it."""
+        if self._max_keys is not None and len(self._keys) >= self._max_keys:
+            self._sweep(now)
+            if len(self._keys) >= self._max_keys:
+                return None
+        state = self._keys[key] = _Key(policy, policy)
+        self._new_keys += 1
+        if self._new_keys % _SWEEP_EVERY == 0:
+            self._sweep(now)
+            self._keys[key] = state
+        return state
+
+    def _may_start(self, key: str, state: _Key, policy: Policy, now: float) -> bool:
+        """Apply `policy`, reap, admit waiters it lets go; True when a newcomer may start now."""
+        changed = state.request(policy)
+        state.trim(now)
+        if changed and state.waiting:
+            self._admit_waiting(key, state, now)
+        return not state.waiting and state.blocked_for(now) == 0.0
 
     async def pump(self, key: str, tickets: Sequence[str] = ()) -> PumpResult:
         now = self._clock()
@@ -184,9 +203,12 @@ class MemoryStore(Store):
             self._admit_waiting(key, state, now)
             self._forget_if_idle(key, state, now)
             return False
-        return await self.release(key, ticket)
+        return self.release_now(key, ticket)
 
     async def release(self, key: str, lease: str) -> bool:
+        return self.release_now(key, lease)
+
+    def release_now(self, key: str, lease: str) -> bool:
         state = self._keys.get(key)
         if state is None:
             return False

@@ -33,13 +33,14 @@ from urllib.parse import urlsplit
 
 from gateway.errors import ConfigError, UpstreamUnreachable
 from gateway.upstream.base import Headers
+from gateway.upstream.lean_conn import Connection
 from gateway.upstream.lean_pool import Pool
 from gateway.upstream.lean_response import LeanResponse
 
-__all__ = ["LeanClient", "LeanResponse"]
+__all__ = ["IDEMPOTENT", "LeanClient", "LeanResponse"]
 
 _METHODS = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # RFC 9110 §9.2.2: safe to resend
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # RFC 9110 §9.2.2: safe to resend
 
 
 class LeanClient:
@@ -96,10 +97,22 @@ class LeanClient:
         try:
             return await conn.exchange(head, chunks, length, timeout, is_head)
         except UpstreamUnreachable:
-            if body is not None or not conn.retryable or method not in _IDEMPOTENT:
+            if body is not None or not conn.retryable or method not in IDEMPOTENT:
                 raise
         conn = await self._pool.acquire(True)  # once, on a fresh connection
         return await conn.exchange(head, None, length, timeout, is_head)
+
+    def head(self, method: str, target: str, headers: Headers, has_body: bool) -> bytes:
+        """The request head `request` would send, for a body given whole and framed by its Content-Length."""
+        return self._head(method, target, headers, b"" if has_body else None)[0]
+
+    def idle_connection(self) -> Connection | None:
+        """An idle pooled connection, taken out of the pool, if there is one (for `Connection.relay`)."""
+        return self._pool.idle_connection()
+
+    def give_back(self, conn: Connection) -> None:
+        """Return a connection from `idle_connection` unused."""
+        self._pool.release(conn)
 
     def _head(
         self, method: str, target: str, headers: Headers, body: AsyncIterable[bytes] | bytes | None

@@ -11,7 +11,7 @@ always resolved with a value, never an exception, so no exception is ever left u
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import TYPE_CHECKING, cast
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -63,6 +63,7 @@ class Connection(asyncio.Protocol):
         self._tunnel = False
         self._got_bytes = False
         self._timeout = 0.0
+        self._sink: Callable[[], object] | None = None  # a relayed exchange's progress callback (see `relay`)
 
     # -- the exchange, driven by LeanClient.request ------------------------------------------------------------
 
@@ -75,19 +76,7 @@ class Connection(asyncio.Protocol):
         self, head: bytes, body: AsyncIterable[bytes] | None, length: int, timeout: float, is_head: bool
     ) -> LeanResponse:
         """Send one request and return the response once its head arrived. `length` < 0: chunked body."""
-        self.exchanges += 1
-        seq = self.exchanges
-        self._active = True
-        self._complete = False
-        self._headers_done = False
-        self._got_bytes = False
-        self._head_size = 0
-        self._reason = b""
-        self._headers = []
-        self._resp = None
-        self._is_head = is_head
-        self._tail = b""
-        self._timeout = timeout
+        seq = self._begin(timeout, is_head, None)
         transport = self.transport
         assert transport is not None
         try:
@@ -117,6 +106,42 @@ class Connection(asyncio.Protocol):
             assert self._error is not None
             raise self._error
         return resp
+
+    def relay(self, request: bytes, timeout: float, is_head: bool, sink: Callable[[], object]) -> None:
+        """Send a whole request (head and body in `request`) and drive the exchange by callbacks, with no waiting
+        coroutine: `sink()` is called each time it moves (response head, body bytes, its end, an error, the
+        connection lost) and reads the state: `response` (then its `_chunks`, `_done`, `_error`) and `error`.
+        The response head must come within `timeout`; afterwards the consumer keeps a stall deadline itself."""
+        self._begin(timeout, is_head, sink)
+        self._req_done = True
+        assert self.transport is not None
+        self.transport.write(request)
+        self.pool.head_deadlines.set(self, self.loop.time() + timeout)
+
+    @property
+    def response(self) -> LeanResponse | None:
+        return self._resp
+
+    @property
+    def error(self) -> DeliveryError | None:
+        return self._error
+
+    def _begin(self, timeout: float, is_head: bool, sink: Callable[[], object] | None) -> int:
+        """Reset the per-exchange state; returns the exchange's number on this connection."""
+        self.exchanges += 1
+        self._active = True
+        self._complete = False
+        self._headers_done = False
+        self._got_bytes = False
+        self._head_size = 0
+        self._reason = b""
+        self._headers = []
+        self._resp = None
+        self._is_head = is_head
+        self._tail = b""
+        self._timeout = timeout
+        self._sink = sink
+        return self.exchanges
 
     async def _send_body(
         self, transport: asyncio.Transport, head: bytes, body: AsyncIterable[bytes], length: int, timeout: float
@@ -170,10 +195,17 @@ class Connection(asyncio.Protocol):
                 self._waiter = None
 
     def headers_timeout(self) -> None:
-        """The response head did not come in time (called by the pool's `head_deadlines`)."""
+        """The response head (or, when relayed, the next body bytes) did not come in time (called by the pool's
+        `head_deadlines`)."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             self.fail(UpstreamTimeout(f"no response from upstream {self.pool.authority} within {self._timeout:g} s"))
+        elif self._sink is not None and self._active:
+            if self._resp is None:
+                message = f"no response from upstream {self.pool.authority} within {self._timeout:g} s"
+            else:
+                message = f"upstream {self.pool.authority} response body stalled for {self._timeout:g} s"
+            self.fail(UpstreamTimeout(message))
 
     def _write_timeout(self, waiter: asyncio.Future[LeanResponse | None]) -> None:
         if not waiter.done():
@@ -185,15 +217,22 @@ class Connection(asyncio.Protocol):
         """End the exchange with `error` (first one wins) and drop the connection."""
         if self._error is None:
             self._error = error
+        if self._sink is not None:
+            self.pool.head_deadlines.drop(self)
         self._wake()
         resp = self._resp
         if resp is not None and not resp._done:
             if resp._error is None:
                 resp._error = self._error
             resp._wake()
+        self._sink = None
         self.abort()
 
     def _wake(self) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(self._resp)
@@ -202,9 +241,12 @@ class Connection(asyncio.Protocol):
         """The response is complete: pool the connection if the exchange ended cleanly, else close it."""
         resp = self._resp
         assert resp is not None
+        if self._sink is not None:
+            self.pool.head_deadlines.drop(self)  # a relayed exchange's deadline (an awaited one drops its own)
         resp._done = True
         resp._conn = None
         resp._wake()
+        self._sink = None
         self._active = False
         if self._keep_alive and self._req_done and not self.closing:
             if self.read_paused:
@@ -364,8 +406,10 @@ class Connection(asyncio.Protocol):
             raise _StopParsing  # stop parsing
         self._headers_done = True
         self._keep_alive = parser.should_keep_alive()
-        self._resp = LeanResponse(status, self._reason, self._headers, self, self._timeout)
-        self._wake()
+        resp = self._resp = LeanResponse(status, self._reason, self._headers, self, self._timeout)
+        resp.sink = self._sink
+        if self._sink is None or status == 101:  # a relay hears of the head once the data at hand is parsed
+            self._wake()
         if self._is_head:
             self._complete = True
             raise _StopParsing

@@ -8,7 +8,7 @@ once (joined), which also resumes the connection's reading if it paused at `HIGH
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from gateway.errors import DeliveryError, UpstreamTimeout, UpstreamUnreachable
@@ -23,7 +23,7 @@ HIGH_WATER = 256 * 1024  # buffered response bytes above which the connection st
 class LeanResponse:
     __slots__ = (
         *("_chunks", "_conn", "_done", "_error", "_size", "_timeout", "_waiter"),
-        *("headers", "reason", "status", "trailers"),
+        *("headers", "reason", "sink", "status", "trailers"),
     )
 
     def __init__(self, status: int, reason: bytes, headers: Headers, conn: Connection, timeout: float) -> None:
@@ -37,11 +37,40 @@ class LeanResponse:
         self._done = False
         self._error: DeliveryError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self.sink: Callable[[], object] | None = None  # a relayed exchange's callback (Connection.relay)
         self._timeout = timeout
 
     @property
     def complete(self) -> bool:
         return self._done and not self._chunks and self._error is None
+
+    @property
+    def ended(self) -> bool:
+        """The body has all arrived (some of it may still wait in the buffer)."""
+        return self._done
+
+    @property
+    def failure(self) -> DeliveryError | None:
+        """Why the body cannot be read to its end, if it cannot."""
+        return self._error
+
+    @property
+    def connection(self) -> Connection | None:
+        """The connection of the exchange while it lasts."""
+        return self._conn
+
+    def take(self) -> bytes:
+        """Every buffered body byte, joined (b"" when none); the connection reads again if it paused for them."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        conn = self._conn
+        if conn is not None and conn.read_paused:
+            conn.resume_reading()
+        return data
 
     def body(self) -> AsyncIterator[bytes]:
         # the response is its own iterator: no async generator (asyncio tracks each one in a WeakSet)
@@ -51,16 +80,9 @@ class LeanResponse:
         return self
 
     async def __anext__(self) -> bytes:
-        chunks = self._chunks
         while True:
-            if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._size = 0
-                conn = self._conn
-                if conn is not None and conn.read_paused:
-                    conn.resume_reading()
-                return data
+            if self._chunks:
+                return self.take()
             if self._error is not None:
                 raise self._error
             if self._done:
@@ -78,6 +100,10 @@ class LeanResponse:
                 self._waiter = None
 
     def _wake(self) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
