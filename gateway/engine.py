@@ -154,10 +154,41 @@ class FlowController:
             return None
         return self._hold(key, ticket, time.monotonic())
 
+    def try_acquire_soon(self, key: str, policy: Policy, then: Callable[[Lease | None], object]) -> bool:
+        """`try_acquire` for a store that needs a round trip (Redis): `then(lease)`, or `then(None)` when the
+        delivery may not go at once or the store failed (nothing is left behind: then `acquire`), is called from
+        a callback, with no task. False when the store cannot ask that way now (then `acquire`)."""
+        ticket = self._ids.next()
+        started = time.monotonic()
+
+        def answered(result: bool | BaseException) -> None:
+            if result is True:
+                then(self._hold(key, ticket, started))
+                return
+            if isinstance(result, BaseException):  # it may have been admitted before the reply was lost
+                self._withdraw(key, ticket)
+            then(None)
+
+        return self.store.admit_soon(key, policy, ticket, self.lease_ttl, answered)
+
     def release_now(self, lease: Lease) -> bool | None:
         """`release` with no I/O when the store can (the memory store); None when it cannot (then `release`)."""
         self._held.pop(lease.id, None)
         return self.store.release_now(lease.key, lease.id)
+
+    def release_nowait(self, lease: Lease) -> None:
+        """Release without waiting for the store, and without a task when the store allows (a failed release is
+        retried in the background, like `release`'s)."""
+        if self.release_now(lease) is not None:
+            return
+        key, lease_id = lease.key, lease.id
+
+        def released(error: BaseException | None) -> None:
+            if isinstance(error, StoreUnavailable):
+                self._retry(self.store.release, key, lease_id)
+
+        if not self.store.release_soon(key, lease_id, released):
+            self.release_soon(lease)
 
     async def release(self, lease: Lease) -> bool:
         """Free the token (it goes to the next waiter at once); False if the lease was unknown or expired.

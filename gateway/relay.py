@@ -1,24 +1,28 @@
-"""The proxy's express lane: a request relayed by callbacks alone, with no task, no coroutine and no ASGI message.
+"""The proxy's express lane: a request relayed by callbacks alone, with no task, coroutine or ASGI message.
 
 `flowgate serve` offers each request to `ExpressLane.start` once all of it has arrived (its head, and its body when
-it has one). The lane takes the request when it can go at once:
+it has one). The lane takes the request when the proxy forwards it as it is (no refusal: those answers come from
+the app), the request's body is framed by Content-Length (not chunked), and the lean upstream client has an idle
+connection. Then, by the token its key needs:
 
-- the proxy forwards it as it is (no refusal: those answers come from the app);
-- it needs no token, or the store grants one on the spot with no I/O (the memory store, nothing waiting, within
-  the limits: `FlowController.try_acquire`);
-- the lean upstream client has an idle connection to the upstream.
+- none (no rule matched): it goes at once;
+- the memory store: `FlowController.try_acquire` grants it on the spot when nothing waits and the limits allow;
+- Redis: `FlowController.try_acquire_soon` asks in the tick's batched round trip, with a flag that admits at once
+  or not at all (`enter.lua`: never queued), and the reply goes on from a callback.
 
-It then writes the request upstream and lets the two connections' callbacks do the rest: the response head and
-each body chunk go to the client as they arrive (reading the upstream pauses while the client does not keep up),
-and at the end the lease is released and the connection pooled. Everything else (a body still arriving, a key that
-must wait or lives in Redis, no idle connection, the aiohttp client) runs as the ASGI app, `ProxyApp`, which answers
-the same way. A task and a few coroutine frames per request are most of what this saves: see
-benchmarks/RESULTS.md.
+It then writes the request upstream and lets the connections' callbacks do the rest: the response head and each
+body chunk go to the client as they arrive (reading the upstream pauses while the client does not keep up), and
+at the end the lease is released (on Redis, in the next batch, again without a task) and the connection pooled.
+A request that may not go at once (its key's token is taken, the waitlist, a refusal, a store error) is handed to
+the ASGI app, `ProxyApp`, which waits and answers as for any other request; so is everything else the lane does not
+take (a body still arriving, a chunked upload, no idle connection, the aiohttp client). A task and a few coroutine
+frames per request are most of what this saves: see benchmarks/RESULTS.md.
 
-The relay keeps the app's contract: the same request and response headers (`Flow-Control-Waited`, `-Hold`), the
-same 502/504 JSON answers and metrics, the lease released on every path (client gone, upstream error or timeout, a
-stalled body). A reused connection that fails before any response byte hands a bodiless idempotent request back to
-the app, which sends it again on a fresh connection, as the lean client does.
+The relay keeps the app's contract: the same request and response headers (`Flow-Control-Key`/`-Lease` upstream,
+`Flow-Control-Waited`/`-Hold`), the same 502/504 JSON answers, metrics and log lines, the lease released on every
+path (client gone, even before Redis answered; upstream error or timeout; a stalled body). A reused connection
+that fails before any response byte hands a bodiless idempotent request back to the app, which sends it again on
+a fresh connection, as the lean client does.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from .engine import Lease
 from .errors import DeliveryError, UpstreamUnreachable
-from .http import error_body, error_headers
+from .http import Headers, error_body, error_headers
 from .proxy import Exchange, ProxyApp, upstream_target
 from .upstream.lean import IDEMPOTENT, LeanClient
 from .upstream.lean_conn import Connection
@@ -80,81 +85,131 @@ class ExpressLane:
         scope = cycle.scope
         try:
             route = None if app.router.passthrough else app.router.route(scope)
-            if route is not None and not self.admits_at_once:
-                return False  # the key's token takes a store round trip: the app waits for it
             headers, length = app.request_headers(scope)
         except DeliveryError:
             return False  # the app answers it, and counts it
         if length is None:
             return False  # chunked: its size is checked as it is read
-        method: str = scope["method"]
-        client = self.client
-        conn = client.idle_connection()
+        conn = self.client.idle_connection()
         if conn is None:
             return False
-        exchange = Exchange(route)
-        if route is not None:
-            lease = exchange.lease = app.controller.try_acquire(route.key, route.policy)
-            if lease is None:
-                client.give_back(conn)
+        relay = Relay(self, cycle, conn, Exchange(route), headers, length)
+        controller = app.controller
+        if route is None:
+            return relay.launch()
+        if self.admits_at_once:
+            relay.exchange.lease = controller.try_acquire(route.key, route.policy)
+            if relay.exchange.lease is None:
+                relay.give_back()
                 return False
-            headers.append((b"flow-control-key", route.key.encode()))
-            headers.append((b"flow-control-lease", lease.token.encode()))
-        body = cycle.take_body() if length else None
-        try:
-            if length and (body is None or len(body) != length):
-                raise ValueError("the body is not all there")  # cannot happen once the message is complete
-            request = client.head(method, upstream_target(scope), headers, bool(length))
-        except ValueError:
-            client.give_back(conn)
-            if exchange.lease is not None:
-                app.controller.release_now(exchange.lease)
-            if body:
-                cycle.add_body(body)  # as it was: the app reads it
-            return False
-        if body:
-            request += body
-        relay = Relay(self, cycle, conn, exchange, method, has_body=bool(length))
-        try:
-            relay.go(request)
-        except BaseException:
-            conn.abort()
-            relay._finish()
-            raise
-        return True
+            return relay.launch()
+        if controller.try_acquire_soon(route.key, route.policy, relay.admitted):
+            cycle.watch(relay.client_gone)
+            return True  # the relay goes on, or hands the request to the app, when the store answers
+        relay.give_back()
+        return False
 
 
 class Relay:
-    """One relayed request: `go`, then `poke()` on every move of the upstream exchange or the client's socket."""
+    """One relayed request: `launch`, then `poke()` on every move of the upstream exchange or the client's socket."""
 
     __slots__ = (
         "app",
         "conn",
         "cycle",
         "exchange",
-        "has_body",
+        "headers",
         "lane",
-        "method",
+        "launched",
+        "length",
         "response",
         "started",
         "stats",
     )
 
     def __init__(
-        self, lane: ExpressLane, cycle: RequestCycle, conn: Connection, exchange: Exchange, method: str, has_body: bool
+        self,
+        lane: ExpressLane,
+        cycle: RequestCycle,
+        conn: Connection,
+        exchange: Exchange,
+        headers: Headers,
+        length: int,
     ) -> None:
         self.lane = lane
         self.app = lane.app
         self.cycle = cycle
         self.conn: Connection | None = conn  # None once the relay is over
         self.exchange = exchange
-        self.method = method
-        self.has_body = has_body
+        self.headers = headers
+        self.length = length
+        self.launched = False
         self.response: LeanResponse | None = None
         self.started = 0.0
         self.stats: contextlib.AbstractContextManager[None] | None = None
 
-    def go(self, request: bytes) -> None:
+    def admitted(self, lease: Lease | None) -> None:
+        """The store's answer to `try_acquire_soon`: go on, or hand the request to the app (it then waits)."""
+        if self.conn is None:  # the client left meanwhile
+            if lease is not None:
+                self.app.controller.release_nowait(lease)
+            return
+        cycle = self.cycle
+        cycle.watcher = None
+        self.exchange.lease = lease
+        try:
+            if lease is None:
+                self.give_back()
+            elif self.launch():
+                return
+            self.lane.fallback(cycle)
+        except Exception:  # a bug: the request cannot go on, but nothing may leak
+            logger.exception("relaying a request failed")
+            self.give_back()
+            cycle.transport.close()
+
+    def give_back(self) -> None:
+        """Undo a relay that did not launch: the connection goes back to the pool, the lease is released."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self.lane.client.give_back(conn)
+        lease, self.exchange.lease = self.exchange.lease, None
+        if lease is not None:
+            self.app.controller.release_nowait(lease)
+
+    def launch(self) -> bool:
+        """Write the request upstream; False (after `give_back`) when it cannot go as it is."""
+        cycle = self.cycle
+        scope = cycle.scope
+        headers = self.headers
+        route, lease = self.exchange.route, self.exchange.lease
+        if route is not None and lease is not None:
+            headers.append((b"flow-control-key", route.key.encode()))
+            headers.append((b"flow-control-lease", lease.token.encode()))
+        length = self.length
+        body = cycle.take_body() if length else None
+        try:
+            if length and (body is None or len(body) != length):
+                raise ValueError("the body is not all there")  # cannot happen once the message is complete
+            request = self.lane.client.head(scope["method"], upstream_target(scope), headers, bool(length))
+        except ValueError:
+            if body:
+                cycle.add_body(body)  # as it was: the app reads it
+            self.give_back()
+            return False
+        if body:
+            request += body
+        try:
+            self._go(request)
+        except BaseException:
+            if self.conn is not None:
+                self.conn.abort()
+            self._finish()
+            raise
+        return True
+
+    def _go(self, request: bytes) -> None:
+        self.launched = True
         route = self.exchange.route
         lease = self.exchange.lease
         if route is not None and lease is not None:
@@ -164,11 +219,11 @@ class Relay:
             self.stats = observer.in_flight(route)
             self.stats.__enter__()
         cycle = self.cycle
-        cycle.watch(self._client_gone)
+        cycle.watch(self.client_gone)
         cycle.drained = self.poke
         self.started = time.perf_counter()
         assert self.conn is not None
-        self.conn.relay(request, self.app.upstream_timeout, self.method == "HEAD", self.poke)
+        self.conn.relay(request, self.app.upstream_timeout, cycle.scope["method"] == "HEAD", self.poke)
 
     def poke(self) -> None:
         """Move the response on as far as it can go now."""
@@ -236,7 +291,7 @@ class Relay:
     def _failed(self, conn: Connection, error: DeliveryError) -> None:
         """No response: answer 502/504, or hand a request that may be sent again back to the app."""
         cycle = self.cycle
-        if conn.retryable and not self.has_body and self.method in IDEMPOTENT:
+        if conn.retryable and not self.length and self.cycle.scope["method"] in IDEMPOTENT:
             self._finish()
             self.lane.fallback(cycle)  # the app sends it once more, on a fresh connection
             return
@@ -246,9 +301,12 @@ class Relay:
         cycle.write_body(body, False)
         self._finish()
 
-    def _client_gone(self) -> None:
+    def client_gone(self) -> None:
         conn = self.conn
         if conn is None:
+            return
+        if not self.launched:  # the store has not answered yet: its answer finds the relay over
+            self.give_back()
             return
         resp = self.response
         live = conn if resp is None else resp.connection
@@ -276,9 +334,7 @@ class Relay:
         lease = exchange.lease
         if lease is not None and not exchange.held:
             exchange.lease = None
-            controller = self.app.controller
-            if controller.release_now(lease) is None:
-                controller.release_soon(lease)
+            self.app.controller.release_nowait(lease)
 
 
 __all__ = ["ExpressFactory", "ExpressLane", "Relay"]

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from gateway import FlowController, Policy, Rejected, Store
+from gateway import FlowController, Lease, Policy, Rejected, Store
 from gateway.stores import Admitted, Queued
 from tests import store_fixtures
 from tests.helpers import Recorder, max_concurrency, max_starts_in_window, wait_until
@@ -264,3 +264,35 @@ async def test_abandoned_ticket_does_not_hold_the_key(stores: Stores) -> None:
         lease = await controller.acquire(KEY, policy.replace(max_wait=10))
     assert time.monotonic() - started < 0.5 + 2.0
     await controller.release(lease)
+
+
+async def test_an_admission_at_once_goes_only_when_nothing_waits_and_leaves_no_trace_otherwise(stores: Stores) -> None:
+    """`try_acquire` (memory) and `try_acquire_soon` (Redis: one round trip, answered by callback) grant a lease
+    only when a start may happen now with nobody waiting; otherwise they queue and refuse nothing."""
+    controller = stores.controller()
+    store = controller.store
+    policy = Policy(parallelism=1, max_wait=30)
+
+    async def at_once() -> Lease | None:
+        lease = controller.try_acquire(KEY, policy)
+        if lease is not None or store.admits_at_once:
+            return lease
+        answer: asyncio.Future[Lease | None] = asyncio.get_running_loop().create_future()
+        assert controller.try_acquire_soon(KEY, policy, answer.set_result)
+        return await answer
+
+    await controller.release(await controller.acquire(KEY, policy))  # Redis: the key and this instance are known
+    first = await at_once()
+    assert first is not None and await active(store) == 1
+    assert await at_once() is None  # the token is taken
+    assert await is_idle(store) is False and await waiting(store) == 0  # and nothing was queued
+    (queued,) = await queue(controller, KEY, policy, 1)
+    await controller.release(first)
+    second = await queued  # FIFO: the waiter, not a newcomer at once
+    assert isinstance(second, Lease)
+    assert await at_once() is None and await waiting(store) == 0
+    await controller.release(second)
+    third = await at_once()
+    assert third is not None
+    controller.release_nowait(third)
+    await wait_until(lambda: is_idle(store))

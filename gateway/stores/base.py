@@ -109,6 +109,18 @@ class Store(ABC):
         """`release` with no I/O, for stores that can; None when this store cannot (then `release`)."""
         return None
 
+    def admit_soon(
+        self, key: str, policy: Policy, ticket: str, lease_ttl: float, then: Callable[[bool | BaseException], object]
+    ) -> bool:
+        """`admit_now` for a store that needs a round trip: the answer comes as `then(admitted)` from a callback
+        (no task), or `then(error)`. False when this store cannot ask that way now (then `enter`)."""
+        return False
+
+    def release_soon(self, key: str, lease: str, then: Callable[[BaseException | None], object]) -> bool:
+        """`release` answered by `then(None)`, or `then(error)`, from a callback (no task); False when this store
+        cannot (then `release`)."""
+        return False
+
     @abstractmethod
     async def pump(self, key: str, tickets: Sequence[str] = ()) -> PumpResult:
         """Reap expired leases and tickets, admit what may go now, and report the status of `tickets`."""

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import ssl
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -341,6 +342,57 @@ class RedisStore(Store):
         self._arm(key, second)
         return Queued(int(first), None if second < 0 else second / 1000)
 
+    def admit_soon(
+        self, key: str, policy: Policy, ticket: str, lease_ttl: float, then: Callable[[bool | BaseException], object]
+    ) -> bool:
+        if self.max_keys is not None:
+            if key not in self._known:
+                return False  # the cap check is a round trip of its own: `enter` does it
+            self._known.move_to_end(key)
+        lease_ms = round(lease_ttl * 1000)
+        if self._liveness.needs_refresh(lease_ms):
+            return False
+        self._lease_ms = max(self._lease_ms, lease_ms)
+        args = [ticket, self.instance, lease_ms, self._pickup_ms, *_policy_args(policy), "1"]
+        future = self._batcher.call("enter", key_names(key), args)
+        future.add_done_callback(functools.partial(self._tried, key, then))
+        return True
+
+    def _tried(self, key: str, then: Callable[[bool | BaseException], object], future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            then(StoreUnavailable(f"the store {self.uri} call was cancelled"))
+            return
+        error = future.exception()
+        if error is not None:
+            then(error)
+            return
+        reply = future.result()
+        if len(reply) > 4:
+            self._handoffs(key, reply[4:])
+        if int(reply[3]):
+            self._index_soon(key)
+        then(int(reply[0]) == 1)
+
+    def release_soon(self, key: str, lease: str, then: Callable[[BaseException | None], object]) -> bool:
+        self._taken.discard(lease)
+        future = self._batcher.call("release", key_names(key), [lease, self.instance, self._pickup_ms])
+        future.add_done_callback(functools.partial(self._released, key, then))
+        return True
+
+    def _released(self, key: str, then: Callable[[BaseException | None], object], future: asyncio.Future[Any]) -> None:
+        error = StoreUnavailable("cancelled") if future.cancelled() else future.exception()
+        if error is None:
+            self._after_release(key, future.result())
+        then(error)
+
+    def _after_release(self, key: str, reply: Any) -> bool:
+        if len(reply) > 2:
+            self._handoffs(key, reply[2:])
+        recheck = int(reply[1])
+        if recheck > 0:
+            self._arm(key, recheck)
+        return bool(reply[0])
+
     async def _over_cap(self, key: str) -> bool:
         """True when `key` is new and the index of live keys already holds `max_keys` (pruned of expired keys
         at most every PRUNE_EVERY seconds). Approximate: instances check concurrently, and keys this instance
@@ -411,12 +463,7 @@ class RedisStore(Store):
     async def release(self, key: str, lease: str) -> bool:
         self._taken.discard(lease)
         reply = await self._batcher.call("release", key_names(key), [lease, self.instance, self._pickup_ms])
-        if len(reply) > 2:
-            self._handoffs(key, reply[2:])
-        recheck = int(reply[1])
-        if recheck > 0:
-            self._arm(key, recheck)
-        return bool(reply[0])
+        return self._after_release(key, reply)
 
     async def renew(self, key: str, leases: Sequence[str], ttl: float) -> list[bool]:
         if not leases:

@@ -1,8 +1,9 @@
 -- enter: admit a ticket now, queue it at the tail, or refuse it.
 -- KEYS: P L S W T of one flow key (lib.lua)
--- ARGV: ticket, owner, lease_ttl_ms, pickup_ms, par, rate, per_ms, max_waiting, max_wait_ms
+-- ARGV: ticket, owner, lease_ttl_ms, pickup_ms, par, rate, per_ms, max_waiting, max_wait_ms[, only_now]
 -- Returns {status, a, b, new_key, handoff ticket, owner, ...}:
---   status 1 admitted; 2 queued (a = position, b = recheck ms or -1); 3 refused (a = reason, b = retry ms).
+--   status 1 admitted; 2 queued (a = position, b = recheck ms or -1); 3 refused (a = reason, b = retry ms);
+--   4 not admitted and left no trace (only_now = '1': admit at once or not at all, never queue or refuse).
 -- Idempotent: re-sending the same ticket returns its current status and takes nothing twice.
 -- The common case (nobody waits, a token is free) runs TIME, HMGET, ZCARD W, ZCARD L and ZADD L.
 local ticket, owner = ARGV[1], ARGV[2]
@@ -34,6 +35,9 @@ end
 if waiting == 0 and blocked_for(pol, now) == 0 then
   start(pol, ticket, lease_ttl, now)
   out[1] = 1
+elseif ARGV[10] == '1' then
+  out[1] = 4
+  keep_policy(pol, now)
 elseif waiting >= pol.mw then
   local retry = blocked_for(pol, now)
   out[1], out[2], out[3] = 3, 'waitlist_full', retry > 0 and retry or 1000
