@@ -146,6 +146,10 @@ class FlowController:
         self._forget_ticket(key, ticket)
         return self._hold(key, ticket, started)
 
+    def has_waiters(self, key: str) -> bool:
+        """Deliveries of this controller wait for a token of `key` (a newcomer cannot go at once)."""
+        return key in self._waiting_by_key
+
     def try_acquire(self, key: str, policy: Policy) -> Lease | None:
         """A lease of `key` at once, with no waiting and no I/O, when the store can grant one that way (the
         memory store, nothing waiting, within the limits); else None, with nothing changed: then `acquire`."""

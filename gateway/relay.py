@@ -13,8 +13,8 @@ connection. Then, by the token its key needs:
 It then writes the request upstream and lets the connections' callbacks do the rest: the response head and each
 body chunk go to the client as they arrive (reading the upstream pauses while the client does not keep up), and
 at the end the lease is released (on Redis, in the next batch, again without a task) and the connection pooled.
-A request that may not go at once (its key's token is taken, the waitlist, a refusal, a store error) is handed to
-the ASGI app, `ProxyApp`, which waits and answers as for any other request; so is everything else the lane does not
+A request that may not go at once (its key's token is taken, the waitlist, a refusal, a store error; a key with
+requests of this gateway waiting goes there without asking) is handed to the ASGI app, `ProxyApp`, which waits and answers as for any other request; so is everything else the lane does not
 take (a body still arriving, a chunked upload, no idle connection, the aiohttp client). A task and a few coroutine
 frames per request are most of what this saves: see benchmarks/RESULTS.md.
 
@@ -90,11 +90,13 @@ class ExpressLane:
             return False  # the app answers it, and counts it
         if length is None:
             return False  # chunked: its size is checked as it is read
+        controller = app.controller
+        if route is not None and controller.has_waiters(route.key):
+            return False  # it cannot go before them: no need to ask the store
         conn = self.client.idle_connection()
         if conn is None:
             return False
         relay = Relay(self, cycle, conn, Exchange(route), headers, length)
-        controller = app.controller
         if route is None:
             return relay.launch()
         if self.admits_at_once:
