@@ -14,9 +14,10 @@ It then writes the request upstream and lets the connections' callbacks do the r
 body chunk go to the client as they arrive (reading the upstream pauses while the client does not keep up), and
 at the end the lease is released (on Redis, in the next batch, again without a task) and the connection pooled.
 A request that may not go at once (its key's token is taken, the waitlist, a refusal, a store error; a key with
-requests of this gateway waiting goes there without asking) is handed to the ASGI app, `ProxyApp`, which waits and answers as for any other request; so is everything else the lane does not
-take (a body still arriving, a chunked upload, no idle connection, the aiohttp client). A task and a few coroutine
-frames per request are most of what this saves: see benchmarks/RESULTS.md.
+requests of this gateway waiting goes there without asking) is handed to the ASGI app, `ProxyApp`, which waits
+and answers as for any other request; so is everything else the lane does not take (a body still arriving, a
+chunked upload, no idle connection, the aiohttp client). A task and a few coroutine frames per request are most
+of what this saves: see benchmarks/RESULTS.md.
 
 The relay keeps the app's contract: the same request and response headers (`Flow-Control-Key`/`-Lease` upstream,
 `Flow-Control-Waited`/`-Hold`), the same 502/504 JSON answers, metrics and log lines, the lease released on every

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.redis_servers import free_port
+from tests.redis_servers import free_ports
 
 
 def flowgate_command() -> list[str]:
@@ -108,7 +108,7 @@ def start_gateway(
 ) -> Gateway:
     config_path = workdir / "flowgate.toml"
     config_path.write_text(config)
-    port, admin_port = free_port(), free_port()
+    port, admin_port = free_ports(2)
     log_path = workdir / f"gateway-{port}.log"
     env = clean_env(FLOWGATE_LOG_FORMAT=log_format)
     if token:

@@ -22,6 +22,18 @@ def free_port() -> int:
         return port
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each is held while the next is chosen (two `free_port()` calls in a row can
+    return the same port, and a gateway refuses the same port for its proxy and admin sockets)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         try:

@@ -17,7 +17,7 @@ import pytest
 
 from gateway import __version__
 from tests.gateway_process import clean_env, flowgate_command
-from tests.redis_servers import free_port
+from tests.redis_servers import free_port, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = str(ROOT / "examples" / "flowgate.toml")
@@ -139,7 +139,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 def upstream_app(tmp_path: Path) -> Iterator[tuple[int, int]]:
     """The example upstream app on a free port; yields (app port, the admin port it reports completions to)."""
-    port, admin_port = free_port(), free_port()
+    port, admin_port = free_ports(2)
     env = clean_env(FLOWGATE_ADMIN_URL=f"http://127.0.0.1:{admin_port}")
     process = subprocess.Popen(
         [sys.executable, EXAMPLE_APP, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

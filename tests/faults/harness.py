@@ -26,7 +26,7 @@ import aiohttp
 
 from tests.gateway_process import clean_env, flowgate_command
 from tests.proxy_harness import response_complete
-from tests.redis_servers import free_port
+from tests.redis_servers import free_ports
 
 SOAK = os.environ.get("FLOWGATE_SOAK", "") not in ("", "0")
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,8 +48,7 @@ class Flowgate:
     ) -> None:
         self.upstream = upstream
         self.store = store
-        self.port = free_port()
-        self.admin_port = free_port()
+        self.port, self.admin_port = free_ports(2)
         self.config_path = workdir / f"{name}.toml"
         self.config_path.write_text(config)
         self.log_path = workdir / f"{name}.log"
