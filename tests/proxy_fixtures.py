@@ -55,3 +55,8 @@ def upstream_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
 def key() -> str:
     """A flow-control key no other test uses (the upstream's records are per key)."""
     return f"test-key-{next(_keys)}"
+
+
+def fc(key: str, value: str = "parallelism=1") -> dict[str, str]:
+    """The flow-control headers of a request for `key` under `value`."""
+    return {"Flow-Control-Key": key, "Flow-Control-Value": value}

@@ -24,10 +24,7 @@ upstream_client = proxy_fixtures.upstream_client
 key = proxy_fixtures.key
 store_uri = proxy_fixtures.store_uri
 Upstream = proxy_fixtures.Upstream
-
-
-def fc(key: str, value: str = "parallelism=1") -> dict[str, str]:
-    return {"Flow-Control-Key": key, "Flow-Control-Value": value}
+fc = proxy_fixtures.fc
 
 
 async def get(url: str, headers: dict[str, str]) -> int:

@@ -27,10 +27,7 @@ upstream = proxy_fixtures.upstream
 key = proxy_fixtures.key
 store_uri = proxy_fixtures.store_uri
 Upstream = proxy_fixtures.Upstream
-
-
-def fc(key: str, value: str = "parallelism=1") -> dict[str, str]:
-    return {"Flow-Control-Key": key, "Flow-Control-Value": value}
+fc = proxy_fixtures.fc
 
 
 @pytest.fixture
