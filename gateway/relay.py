@@ -182,6 +182,10 @@ class Relay:
 
     def launch(self) -> bool:
         """Write the request upstream; False (after `give_back`) when it cannot go as it is."""
+        conn = self.conn
+        if conn is None or conn.closing:  # the upstream closed it while the store answered: the app opens one
+            self.give_back()
+            return False
         cycle = self.cycle
         scope = cycle.scope
         headers = self.headers

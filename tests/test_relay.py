@@ -20,7 +20,7 @@ from gateway.engine import Lease
 from gateway.proxy import ProxyApp
 from gateway.upstream.lean import LeanClient
 from tests import proxy_fixtures
-from tests.proxy_harness import Gateway, eventually, key_idle, running_gateway
+from tests.proxy_harness import Gateway, eventually, key_idle, parse_response, raw_exchange, running_gateway
 from tests.redis_servers import RedisServer
 
 upstream = proxy_fixtures.upstream
@@ -274,3 +274,42 @@ async def test_a_relayed_request_gets_503_when_redis_is_gone(
         async with session.get(f"{gateway.url}/down", headers=fc(key)) as response:
             assert response.status == 503
             assert (await response.json())["error"] == "store_unavailable"
+
+
+@pytest.mark.redis
+async def test_an_upstream_connection_closed_while_redis_answers_sends_the_request_on_a_new_one(
+    own_redis: RedisServer, key: str
+) -> None:
+    """The relay holds an idle connection while it waits for the token; the upstream closes it meanwhile (its
+    keep-alive timeout): the request goes through the app, on a new connection, and is answered."""
+    closers: list[asyncio.Task[None]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK)  # then close the kept-alive connection soon, as an upstream's idle timeout does
+        closers.append(asyncio.create_task(close_soon(writer)))
+
+    async def close_soon(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.2)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with lean_gateway(url, own_redis.url) as gateway, aiohttp.ClientSession() as session:
+            async with session.get(f"{gateway.url}/warm", headers=fc(key)) as response:
+                assert response.status == 200
+            own_redis.freeze()
+            try:
+                head = f"GET /late HTTP/1.1\r\nHost: x\r\nFlow-Control-Key: {key}\r\n"
+                data = head.encode() + b"Flow-Control-Value: parallelism=1\r\nConnection: close\r\n\r\n"
+                request = asyncio.create_task(raw_exchange(gateway.port, data))  # a client that does not retry
+                await asyncio.sleep(0.5)  # the upstream closes the connection the relay holds
+            finally:
+                own_redis.thaw()
+            status, _, body = parse_response(await request)
+            assert (status, body) == (200, b"ok")
+            await eventually(lambda: key_idle(gateway.store, key))
+    finally:
+        server.close()
+        await asyncio.gather(*closers)

@@ -111,8 +111,9 @@ class LeanClient:
         return self._pool.idle_connection()
 
     def give_back(self, conn: Connection) -> None:
-        """Return a connection from `idle_connection` unused."""
-        self._pool.release(conn)
+        """Return a connection from `idle_connection` unused (one closed meanwhile has left the pool already)."""
+        if not conn.closing:
+            self._pool.release(conn)
 
     def _head(
         self, method: str, target: str, headers: Headers, body: AsyncIterable[bytes] | bytes | None
