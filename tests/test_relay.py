@@ -51,8 +51,11 @@ async def lean_gateway(upstream_url: str, store: str = "memory://", **options: A
         yield gateway
 
 
-async def warm_up(session: aiohttp.ClientSession, gateway: Gateway, path: str = "/warm") -> None:
-    async with session.get(gateway.url + path) as response:
+async def warm_up(
+    session: aiohttp.ClientSession, gateway: Gateway, path: str = "/warm", headers: dict[str, str] | None = None
+) -> None:
+    """One request, read to its end: the upstream connection it used is idle again when this returns."""
+    async with session.get(gateway.url + path, headers=headers) as response:
         await response.read()
         assert response.status == 200
 
@@ -66,8 +69,7 @@ async def test_requests_that_can_go_at_once_take_the_lane(
     async with lean_gateway(upstream.url, store_uri) as gateway, aiohttp.ClientSession() as session:
         await warm_up(session, gateway)
         for known in (key, busy):
-            async with session.get(f"{gateway.url}/warm", headers=fc(known)) as response:
-                assert response.status == 200
+            await warm_up(session, gateway, "/warm", fc(known))
         app_calls.clear()
         async with session.get(f"{gateway.url}/get?x=1", headers=fc(key, "parallelism=2")) as response:
             echoed = await response.json()
@@ -244,8 +246,7 @@ async def test_a_client_leaving_before_redis_answers_leaves_no_token_behind(
     """The token comes after the client left: it is released, the upstream never sees the request, and the idle
     connection the relay held is not kept."""
     async with lean_gateway(upstream.url, own_redis.url) as gateway, aiohttp.ClientSession() as session:
-        async with session.get(f"{gateway.url}/warm", headers=fc(key)) as response:
-            assert response.status == 200
+        await warm_up(session, gateway, "/warm", fc(key))
         own_redis.freeze()
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
@@ -268,8 +269,7 @@ async def test_a_relayed_request_gets_503_when_redis_is_gone(
     upstream: Upstream, own_redis: RedisServer, key: str
 ) -> None:
     async with lean_gateway(upstream.url, own_redis.url) as gateway, aiohttp.ClientSession() as session:
-        async with session.get(f"{gateway.url}/warm", headers=fc(key)) as response:
-            assert response.status == 200
+        await warm_up(session, gateway, "/warm", fc(key))
         own_redis.kill()
         async with session.get(f"{gateway.url}/down", headers=fc(key)) as response:
             assert response.status == 503
@@ -297,8 +297,7 @@ async def test_an_upstream_connection_closed_while_redis_answers_sends_the_reque
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
         async with lean_gateway(url, own_redis.url) as gateway, aiohttp.ClientSession() as session:
-            async with session.get(f"{gateway.url}/warm", headers=fc(key)) as response:
-                assert response.status == 200
+            await warm_up(session, gateway, "/warm", fc(key))
             own_redis.freeze()
             try:
                 head = f"GET /late HTTP/1.1\r\nHost: x\r\nFlow-Control-Key: {key}\r\n"
