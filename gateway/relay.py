@@ -84,16 +84,16 @@ class ExpressLane:
         if not app.opened or cycle.disconnected:
             return False
         scope = cycle.scope
+        controller = app.controller
         try:
             route = None if app.router.passthrough else app.router.route(scope)
+            if route is not None and controller.has_waiters(route.key):
+                return False  # it cannot go before them: no need to ask the store
             headers, length = app.request_headers(scope)
         except DeliveryError:
             return False  # the app answers it, and counts it
         if length is None:
             return False  # chunked: its size is checked as it is read
-        controller = app.controller
-        if route is not None and controller.has_waiters(route.key):
-            return False  # it cannot go before them: no need to ask the store
         conn = self.client.idle_connection()
         if conn is None:
             return False
@@ -260,24 +260,20 @@ class Relay:
             self._unwatch_stall(resp)  # time the client takes does not count against the upstream
             return
         data = resp.take()
-        try:
-            if resp.ended:
-                cycle.write_body(data, False)
-                self._finish()
-            elif resp.failure is not None:
-                if data:
-                    cycle.write_body(data, True)
-                self._cut()
-            else:
-                if data:
-                    cycle.write_body(data, True)
-                if cycle.flow.write_paused:
-                    self._unwatch_stall(resp)
-                else:
-                    self._watch_stall(resp)
-        except RuntimeError as exc:  # the upstream's body does not match its own framing
-            logger.error("relaying a response failed: %s", exc)
+        if resp.ended:
+            cycle.write_body(data, False)
+            self._finish()
+        elif resp.failure is not None:
+            if data:
+                cycle.write_body(data, True)
             self._cut()
+        else:
+            if data:
+                cycle.write_body(data, True)
+            if cycle.flow.write_paused:
+                self._unwatch_stall(resp)
+            else:
+                self._watch_stall(resp)
 
     def _answer(self, resp: LeanResponse) -> None:
         exchange = self.exchange
@@ -298,7 +294,7 @@ class Relay:
     def _failed(self, conn: Connection, error: DeliveryError) -> None:
         """No response: answer 502/504, or hand a request that may be sent again back to the app."""
         cycle = self.cycle
-        if conn.retryable and not self.length and self.cycle.scope["method"] in IDEMPOTENT:
+        if conn.retryable and not self.length and cycle.scope["method"] in IDEMPOTENT:
             self._finish()
             self.lane.fallback(cycle)  # the app sends it once more, on a fresh connection
             return

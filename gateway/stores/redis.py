@@ -359,10 +359,7 @@ class RedisStore(Store):
         return True
 
     def _tried(self, key: str, then: Callable[[bool | BaseException], object], future: asyncio.Future[Any]) -> None:
-        if future.cancelled():
-            then(StoreUnavailable(f"the store {self.uri} call was cancelled"))
-            return
-        error = future.exception()
+        error = StoreUnavailable("cancelled") if future.cancelled() else future.exception()
         if error is not None:
             then(error)
             return

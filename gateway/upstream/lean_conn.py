@@ -110,7 +110,7 @@ class Connection(asyncio.Protocol):
     def relay(self, request: bytes, timeout: float, is_head: bool, sink: Callable[[], object]) -> None:
         """Send a whole request (head and body in `request`) and drive the exchange by callbacks, with no waiting
         coroutine: `sink()` is called each time it moves (response head, body bytes, its end, an error, the
-        connection lost) and reads the state: `response` (then its `_chunks`, `_done`, `_error`) and `error`.
+        connection lost) and reads the state: `error`, or `response` (then its `take()`, `ended`, `failure`).
         The response head must come within `timeout`; afterwards the consumer keeps a stall deadline itself."""
         self._begin(timeout, is_head, sink)
         self._req_done = True
@@ -198,14 +198,11 @@ class Connection(asyncio.Protocol):
         """The response head (or, when relayed, the next body bytes) did not come in time (called by the pool's
         `head_deadlines`)."""
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
+        relayed = self._sink is not None and self._active
+        if (waiter is not None and not waiter.done()) or (relayed and self._resp is None):
             self.fail(UpstreamTimeout(f"no response from upstream {self.pool.authority} within {self._timeout:g} s"))
-        elif self._sink is not None and self._active:
-            if self._resp is None:
-                message = f"no response from upstream {self.pool.authority} within {self._timeout:g} s"
-            else:
-                message = f"upstream {self.pool.authority} response body stalled for {self._timeout:g} s"
-            self.fail(UpstreamTimeout(message))
+        elif relayed:
+            self.fail(UpstreamTimeout(f"upstream {self.pool.authority} response body stalled for {self._timeout:g} s"))
 
     def _write_timeout(self, waiter: asyncio.Future[LeanResponse | None]) -> None:
         if not waiter.done():
