@@ -171,7 +171,7 @@ class RequestCycle:
 
     async def run(self, app: ASGIApp) -> None:
         try:
-            result = await app(self.scope, self.receive, self.send)  # type: ignore[func-returns-value]
+            result: object = await app(self.scope, self.receive, self.send)  # type: ignore[func-returns-value]
         except BaseException as exc:
             logger.error("Exception in ASGI application\n", exc_info=exc)
             if not self.response_started:

@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 
 class Deadlines(Generic[T]):
-    __slots__ = ("_armed_at", "_handle", "_items", "_loop", "_on_expired", "resolution")
+    __slots__ = ("_armed_at", "_handle", "_items", "_loop", "_on_expired", "resolution", "scans")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, on_expired: Callable[[T], object], resolution: float = 0.05
@@ -28,6 +28,7 @@ class Deadlines(Generic[T]):
         self._items: dict[T, float] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
+        self.scans = 0  # how many times the timer fired and looked through the deadlines
 
     def __len__(self) -> int:
         return len(self._items)
@@ -55,6 +56,7 @@ class Deadlines(Generic[T]):
 
     def _fire(self) -> None:
         self._handle = None
+        self.scans += 1
         now = self._loop.time()
         expired = [item for item, when in self._items.items() if when <= now]
         for item in expired:

@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 
 DIR_ENV: Final = "FLOWGATE_METRICS_DIR"
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-LATENCY_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Not Final: mypyc (the compiled build) would leave a Final tuple of floats unset.
+WAIT_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Seconds between two snapshots of a worker (multiprocess mode).
 FLUSH_INTERVAL: Final = 1.0
 #: Reasons a delivery is refused before it reaches flow control (the request names no usable key).

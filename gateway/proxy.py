@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
@@ -219,7 +219,7 @@ class ProxyApp:
         """Send the request upstream and stream the answer back."""
         body: bytes | AsyncIterator[bytes] | None = whole
         if whole is None and content_length != 0:
-            body = self._body(inbox)
+            body = _CappedBody(inbox, self.max_body, self._too_large_message)
         started = time.perf_counter()
         try:
             response = await self.client.request(
@@ -281,19 +281,6 @@ class ProxyApp:
                 self.controller.detach(lease)
                 exchange.held = True
         return out
-
-    async def _body(self, inbox: RequestInbox) -> AsyncIterator[bytes]:
-        received = 0
-        while True:
-            chunk, more = await inbox.next()  # ClientDisconnected fails the upstream call
-            received += len(chunk)
-            if received > self.max_body:
-                inbox.too_large = True
-                raise BodyTooLarge(self._too_large_message())
-            if chunk:
-                yield chunk
-            if not more:
-                return
 
     def request_headers(self, scope: Scope) -> tuple[Headers, int | None]:
         """Headers for the upstream, and the request's Content-Length (None when chunked).
@@ -410,6 +397,36 @@ class Exchange:
         self.route = route
         self.lease: Lease | None = None
         self.held = False
+
+
+class _CappedBody:
+    """The request body for the upstream, read from `inbox` and refused (413) past `max_body` bytes. An iterator
+    object rather than an async generator, which mypyc (the compiled build, hatch_build.py) cannot compile."""
+
+    __slots__ = ("_ended", "_inbox", "_max_body", "_received", "_too_large")
+
+    def __init__(self, inbox: RequestInbox, max_body: int, too_large: Callable[[], str]) -> None:
+        self._inbox = inbox
+        self._max_body = max_body
+        self._too_large = too_large
+        self._received = 0
+        self._ended = False
+
+    def __aiter__(self) -> _CappedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        inbox = self._inbox
+        while not self._ended:
+            chunk, more = await inbox.next()  # ClientDisconnected fails the upstream call
+            self._received += len(chunk)
+            if self._received > self._max_body:
+                inbox.too_large = True
+                raise BodyTooLarge(self._too_large())
+            self._ended = not more
+            if chunk:
+                return chunk
+        raise StopAsyncIteration
 
 
 def upstream_target(scope: Scope) -> str:

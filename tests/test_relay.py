@@ -16,8 +16,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.cycle import RequestCycle
 from gateway.engine import Lease
 from gateway.proxy import ProxyApp
+from gateway.server import LimitedHttpToolsProtocol
+from gateway.types import ASGIApp
 from gateway.upstream.lean import LeanClient
 from tests import proxy_fixtures
 from tests.proxy_harness import Gateway, eventually, key_idle, parse_response, raw_exchange, running_gateway
@@ -32,16 +35,17 @@ fc = proxy_fixtures.fc
 
 @pytest.fixture
 def app_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """The paths of the HTTP requests that ran as the ASGI app; the other requests took the lane."""
+    """The paths of the HTTP requests that ran as the ASGI app; the other requests took the lane. Counted where
+    the server starts the app (server.py stays Python in the compiled build, so this works in both)."""
     calls: list[str] = []
-    original = ProxyApp.__call__
+    original = LimitedHttpToolsProtocol._start_asgi_task
 
-    async def counting(self: ProxyApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            calls.append(scope["path"])
-        await original(self, scope, receive, send)
+    def counting(self: LimitedHttpToolsProtocol, cycle: RequestCycle, app: ASGIApp) -> None:
+        if isinstance(app, ProxyApp):
+            calls.append(cycle.scope["path"])
+        original(self, cycle, app)
 
-    monkeypatch.setattr(ProxyApp, "__call__", counting)
+    monkeypatch.setattr(LimitedHttpToolsProtocol, "_start_asgi_task", counting)
     yield calls
 
 

@@ -152,7 +152,7 @@ class Connection(asyncio.Protocol):
         async for chunk in body:
             if not chunk:
                 continue
-            if self._error is not None or self._resp is not None:
+            if self._stopped():
                 return  # failed, or answered early: stop sending; the connection will not be reused
             size = len(chunk)
             if chunked:
@@ -171,9 +171,9 @@ class Connection(asyncio.Protocol):
                 return
             if self._write_paused:
                 await self._drain(timeout)
-                if self._error is not None or self._resp is not None:
+                if self._stopped():
                     return
-        if self._error is not None or self._resp is not None:
+        if self._stopped():
             return
         if chunked:
             transport.writelines([head, b"0\r\n\r\n"] if first else [b"0\r\n\r\n"])
@@ -182,6 +182,11 @@ class Connection(asyncio.Protocol):
         elif first:
             transport.write(head)  # Content-Length: 0
         self._req_done = True
+
+    def _stopped(self) -> bool:
+        """The exchange failed or was answered while the body was being sent. A method, not an expression: the
+        checks above must not inherit mypy's narrowing across an `await` (mypyc would trust it)."""
+        return self._error is not None or self._resp is not None
 
     async def _drain(self, timeout: float) -> None:
         waiter: asyncio.Future[LeanResponse | None] = self.loop.create_future()
