@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import BUILD, __version__
 from .config import ConfigProblems, check_config_file, load_settings, unknown_env_vars
 from .errors import ConfigError
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flowgate",
         description="Self-hosted flow-control gateway: per-key parallelism and rate limits that hold, not reject.",
     )
-    parser.add_argument("--version", action="version", version=f"flowgate {__version__}")
+    parser.add_argument("--version", action="version", version=f"flowgate {__version__} ({BUILD})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",

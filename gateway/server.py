@@ -38,7 +38,7 @@ import uvicorn
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from . import logs
+from . import BUILD, logs
 from .admin import build_admin_app, warn_if_exposed
 from .config import DEFAULT_HEADER_TIMEOUT, Settings
 from .cycle import RequestCycle
@@ -609,13 +609,14 @@ async def run_worker(settings: Settings, proxy_sock: socket.socket, admin_sock: 
         # every 700 new objects would only walk the requests in flight (~4% of the CPU). Loops still get collected.
         gc.set_threshold(10_000, 10, 10)
         logger.info(
-            "flowgate serving http://%s:%d -> %s (store %s, admin %s:%d)",
+            "flowgate serving http://%s:%d -> %s (store %s, admin %s:%d, %s build)",
             settings.host,
             settings.port,
             settings.upstream,
             settings.store_uri,
             settings.admin_host,
             settings.admin_port,
+            BUILD,
         )
         await stopping.wait()
         admin_app.state.draining = True

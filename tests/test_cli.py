@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway import __version__
+from gateway import BUILD, __version__
 from tests.gateway_process import clean_env, flowgate_command
 from tests.redis_servers import free_port, free_ports
 
@@ -46,7 +46,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
 def test_version() -> None:
     result = run("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"flowgate {__version__}"
+    assert result.stdout.strip() == f"flowgate {__version__} ({BUILD})"
 
 
 def test_check_accepts_the_example_config() -> None:
