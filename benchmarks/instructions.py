@@ -1,6 +1,6 @@
 """Instructions per proxied request, counted by callgrind: a repeatable measure of the gateway's own CPU work.
 
-    python benchmarks/instructions.py [--tree PATH ...] [--seconds 15] [--no-write]
+    python benchmarks/instructions.py [--tree PATH ...] [--compiled] [--seconds 15] [--no-write]
 
 `flowgate serve` (and, for the redis:// row, its redis-server) runs under valgrind's callgrind with
 instrumentation off. After a warm-up, wrk drives the gateway with 16 connections for `--seconds` while
@@ -10,7 +10,8 @@ run; these counts repeat within about 1%, so two source trees can be compared on
 (`--tree old --tree new`, e.g. a `git worktree` of the commit before). Rows: passthrough, memory:// (GET, and a
 POST of a small JSON body, as webhooks send) and redis://, with a key of parallelism 64 (never throttled). Under
 callgrind the gateway runs ~50 times slower, so its batches of Redis operations are fuller than at full speed:
-compare trees with each other, not with `proxy.py`'s figures.
+compare trees with each other, not with `proxy.py`'s figures. `--compiled` also measures each tree's compiled
+build (hatch_build.py's modules compiled into a temporary copy).
 valgrind, wrk and nginx are installed with apt-get when missing. Results are appended to benchmarks/RESULTS.md.
 """
 
@@ -29,11 +30,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.proxy import RESULTS, ensure_tools, free_port, nginx, stop  # noqa: E402
+from hatch_build import compile_tree  # noqa: E402
 
 CONNECTIONS = 16
 WARM_UP = 5.0
@@ -158,23 +161,30 @@ def main() -> None:
     parser.add_argument("--tree", action="append", help="a source tree to measure (default: this one)")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--compiled", action="store_true", help="also measure each tree's compiled build")
     options = parser.parse_args()
     ensure_tools()
     if not shutil.which("valgrind"):
         print("installing valgrind with apt-get", flush=True)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"], check=True, env=env, stdout=subprocess.DEVNULL)
-    trees = [os.path.abspath(tree) for tree in options.tree or [ROOT]]
     results: dict[str, dict[str, tuple[float, float | None]]] = {}
     with tempfile.TemporaryDirectory(prefix="flowgate-instr-") as workdir, contextlib.ExitStack() as servers:
+        trees = {describe(tree): tree for tree in (os.path.abspath(tree) for tree in options.tree or [ROOT])}
+        if options.compiled:
+            for label, tree in list(trees.items()):
+                dest = os.path.join(workdir, f"compiled-{len(trees)}")
+                print(f"compiling {label} with mypyc (hatch_build.py)", flush=True)
+                compile_tree(Path(tree), Path(dest))
+                trees[f"{label} compiled"] = dest
         up_port = free_port()
         servers.enter_context(nginx(up_port, None, workdir))
-        for tree in trees:
+        for label, tree in trees.items():
             for row, (store, post) in ROWS.items():
                 gateway, redis = measure(tree, store, post, options.seconds, workdir, f"http://127.0.0.1:{up_port}")
-                results.setdefault(tree, {})[row] = (gateway, redis)
+                results.setdefault(label, {})[row] = (gateway, redis)
                 beside = f", redis-server {redis:,.0f}" if redis is not None else ""
-                print(f"{describe(tree)}  {row:<16} gateway {gateway:,.0f} instructions/request{beside}", flush=True)
+                print(f"{label}  {row:<16} gateway {gateway:,.0f} instructions/request{beside}", flush=True)
     report = render(results, options.seconds)
     print(report)
     if not options.no_write:
@@ -203,10 +213,10 @@ def render(results: dict[str, dict[str, tuple[float, float | None]]], seconds: f
         f"| tree | {' | '.join(ROWS)} | redis-server per request |",
         "|---|" + "---:|" * (len(ROWS) + 1),
     ]
-    for tree, rows in results.items():
+    for label, rows in results.items():
         cells = [f"{rows[row][0]:,.0f}" for row in ROWS]
         redis = rows["redis:// p=64"][1]
-        lines.append(f"| {describe(tree)} | {' | '.join(cells)} | {redis:,.0f} |")
+        lines.append(f"| {label} | {' | '.join(cells)} | {redis:,.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,8 @@ upstream direct · nginx proxy_pass with keepalive · naive Starlette+aiohttp pr
 request) · naive Starlette+httpx proxy · `flowgate serve` (what ships: uvicorn with Flowgate's protocol, one
 worker) passing through, and with a flow-controlled key (parallelism 64, so the limit never throttles) on
 memory:// and redis:// (its own redis-server), with the lean and the aiohttp upstream clients (and on memory://
-with the express lane off: every request through the ASGI app) · the same proxy
+with the express lane off: every request through the ASGI app), and the compiled build (hatch_build.py, compiled
+into a temporary copy of this tree) passing through, on memory:// and on redis:// · the same proxy
 as a plain ASGI app under stock uvicorn and under granian (the server comparison).
 Each Python row also reports the gateway process's CPU time per request (from /proc). With profiling on, py-spy
 samples `flowgate serve` on redis:// during its row and the report says where that CPU time goes.
@@ -41,6 +42,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -94,7 +96,7 @@ def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0
 
 @contextlib.contextmanager
 def process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    environment = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    environment = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     # stderr to a file: a pipe nobody reads fills up and blocks the process (the naive apps log a traceback for
     # every request cut off when wrk stops)
     with tempfile.TemporaryFile() as log:
@@ -229,8 +231,10 @@ def flowgate_serve(
     client: str,
     workdir: str,
     express_lane: bool = True,
+    tree: str = ROOT,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`flowgate serve` as users run it (one worker), with `rules` in its TOML config."""
+    """`flowgate serve` as users run it (one worker), with `rules` in its TOML config, from the source `tree` (or a
+    compiled copy of it, see `compiled_tree`)."""
     path = os.path.join(workdir, f"flowgate-{port}.toml")
     admin_port = free_port()
     while admin_port == port:  # the OS may hand out the same free port twice; the config refuses that
@@ -248,8 +252,18 @@ def flowgate_serve(
         lines += ["[[rules]]", f'name = "r{index}"', *(f"{name} = {json.dumps(value)}" for name, value in rule.items())]
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
-    with process([venv_tool("flowgate"), "serve", "--config", path], port) as proc:
+    with process([venv_tool("flowgate"), "serve", "--config", path], port, {"PYTHONPATH": tree}) as proc:
         yield proc
+
+
+def compiled_tree(workdir: str) -> str:
+    """A copy of this project with the hot-path modules compiled (hatch_build.py: the container image's build)."""
+    from hatch_build import compile_tree
+
+    dest = os.path.join(workdir, "compiled")
+    print("compiling the hot-path modules with mypyc (about a minute)", flush=True)
+    compile_tree(Path(ROOT), Path(dest))
+    return dest
 
 
 @contextlib.contextmanager
@@ -436,18 +450,23 @@ def main() -> None:
             port = free_port()
             with process(uvicorn_args(target, port), port, env) as proc:
                 run(name, port, proc.pid)
+        compiled = compiled_tree(workdir)
+        memory_lean = "flowgate serve, memory:// p=64, lean client"
         served = [
-            ("flowgate serve, passthrough, lean client", "memory://", [], "lean", True),
-            ("flowgate serve, memory:// p=64, lean client", "memory://", bench_rules, "lean", True),
-            ("flowgate serve, memory:// p=64, lean client, express lane off", "memory://", bench_rules, "lean", False),
-            ("flowgate serve, memory:// p=64, aiohttp client", "memory://", bench_rules, "aiohttp", True),
-            ("flowgate serve, redis:// p=64, lean client", redis.url, bench_rules, "lean", True),
-            ("flowgate serve, redis:// p=64, aiohttp client", redis.url, bench_rules, "aiohttp", True),
-        ]
-        for name, store, rules, client, lane in served:
+            ("flowgate serve, passthrough, lean client", "memory://", [], "lean", True, ROOT),
+            ("flowgate serve, passthrough, compiled", "memory://", [], "lean", True, compiled),
+            (memory_lean, "memory://", bench_rules, "lean", True, ROOT),
+            ("flowgate serve, memory:// p=64, compiled", "memory://", bench_rules, "lean", True, compiled),
+            (f"{memory_lean}, express lane off", "memory://", bench_rules, "lean", False, ROOT),
+            ("flowgate serve, memory:// p=64, aiohttp client", "memory://", bench_rules, "aiohttp", True, ROOT),
+            ("flowgate serve, redis:// p=64, lean client", redis.url, bench_rules, "lean", True, ROOT),
+            ("flowgate serve, redis:// p=64, compiled", redis.url, bench_rules, "lean", True, compiled),
+            ("flowgate serve, redis:// p=64, aiohttp client", redis.url, bench_rules, "aiohttp", True, ROOT),
+        ]  # fmt: skip
+        for name, store, rules, client, lane, tree in served:
             port = free_port()
-            with flowgate_serve(port, upstream, store, rules, client, workdir, lane) as proc:
-                profiled = not options.no_profile and store != "memory://" and client == "lean"
+            with flowgate_serve(port, upstream, store, rules, client, workdir, lane, tree) as proc:
+                profiled = not options.no_profile and store != "memory://" and client == "lean" and tree == ROOT
                 if profiled:
                     raw = os.path.join(workdir, "profile.txt")
                     with py_spy(proc.pid, duration + 1, raw):
@@ -474,10 +493,14 @@ def main() -> None:
         with process(uvicorn_args("benchmarks.apps:recorder", rec_port), rec_port):
             recorder_url = f"http://127.0.0.1:{rec_port}"
             fc_rules: list[dict[str, object]] = [{"key": "fc", "path": "/", "parallelism": 8, "rate": 2000}]
-            for store_name, store in (("memory://", "memory://"), ("redis://", redis.url)):
+            for store_name, store, tree in (
+                ("memory://", "memory://", ROOT),
+                ("redis://", redis.url, ROOT),
+                ("redis://, compiled", redis.url, compiled),
+            ):
                 port = free_port()
                 log = StartLog(store, "fc")
-                with flowgate_serve(port, recorder_url, store, fc_rules, "lean", workdir), log:
+                with flowgate_serve(port, recorder_url, store, fc_rules, "lean", workdir, True, tree), log:
                     get_json(f"{recorder_url}/__reset")
                     result = wrk(f"http://127.0.0.1:{port}/fc?sleep=0.002", duration, conns)
                     stats = get_json(f"{recorder_url}/__stats?period=1&slack=0.03")
