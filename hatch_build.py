@@ -91,7 +91,8 @@ class CompiledBuildHook(BuildHookInterface):  # type: ignore[misc]
     PLUGIN_NAME = "custom"
 
     def dependencies(self) -> list[str]:
-        return BUILD_REQUIRES if compiling() else []
+        # mypyc type-checks the modules against the runtime dependencies: without them, the build fails
+        return [*BUILD_REQUIRES, *self.metadata.core.dependencies] if compiling() else []
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if self.target_name != "wheel" or not compiling():
