@@ -142,10 +142,15 @@ class RedisPyBatcher(ScriptBatcher):
 
 
 def _pack(group: list[_Call]) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the batch script (scripts.py): each flow key's keys once, each operation naming them."""
     keys: list[str] = []
+    numbers: dict[str, int] = {}  # a flow key's first key -> its number in the batch (from 1)
     argv: list[Any] = [len(group)]
     for name, op_keys, args, _ in group:
-        assert len(op_keys) == KEYS_PER_OP
-        keys.extend(op_keys)
-        argv.extend((name, len(args), *args))
+        number = numbers.get(op_keys[0])
+        if number is None:
+            assert len(op_keys) == KEYS_PER_OP
+            keys.extend(op_keys)
+            number = numbers[op_keys[0]] = len(numbers) + 1
+        argv.extend((name, number, len(args), *args))
     return keys, argv

@@ -2,7 +2,9 @@
 
 Each operation file is the body of a function of (KEYS, ARGV) working on the keys `bind` sets; lib.lua's
 helpers are compiled in front. The batch script runs several operations, on the same or different flow keys
-of one slot, in one call: that is how the operations of one event-loop tick share one round trip.
+of one slot, in one call: that is how the operations of one event-loop tick share one round trip. A flow key's
+keys travel once per batch however many of its operations ride in it, and its policy and counts are read once
+per call (lib.lua's K).
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ INSTANCE_SCRIPTS = ("wake",)  # on an instance's keys (hash tag {I}), not a flow
 KEYS_PER_OP = 5
 
 _DISPATCH = """
--- batch: ARGV = operation count, then per operation: name, argument count, arguments...
--- Operation i works on KEYS[5i-4 .. 5i]. Returns one reply per operation, in order.
+-- batch: KEYS = the five keys of each flow key the batch works on; ARGV = operation count, then per operation:
+-- name, flow key number k (its keys are KEYS[5k-4 .. 5k]), argument count, arguments...
+-- Returns one reply per operation, in order.
 local ops = {%s}
 local results, pos = {}, 2
 for i = 1, tonumber(ARGV[1]) do
-  local name, n = ARGV[pos], tonumber(ARGV[pos + 1])
-  local args = {}
-  for j = 1, n do args[j] = ARGV[pos + 1 + j] end
-  pos = pos + 2 + n
-  bind(KEYS, 5 * (i - 1))
+  local name, k, n = ARGV[pos], tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
+  local args = {unpack(ARGV, pos + 3, pos + 2 + n)}
+  pos = pos + 3 + n
+  bind(KEYS, 5 * (k - 1))
   results[i] = ops[name](KEYS, args)
 end
 return results

@@ -5,21 +5,23 @@
 --   status 1 admitted; 2 queued (a = position, b = recheck ms or -1); 3 refused (a = reason, b = retry ms);
 --   4 not admitted and left no trace (only_now = '1': admit at once or not at all, never queue or refuse).
 -- Idempotent: re-sending the same ticket returns its current status and takes nothing twice.
--- The common case (nobody waits, a token is free) runs TIME, HMGET, ZCARD W, ZCARD L and ZADD L.
+-- The common case (nobody waits, a token is free) runs ZADD L; the first operation of a call on the key also
+-- runs TIME, HMGET P, ZCARD W and ZCARD L (see K in lib.lua).
 local ticket, owner = ARGV[1], ARGV[2]
 local lease_ttl, pickup_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 
-local v = redis.call('HMGET', P, unpack(POLICY_FIELDS))
+local pol = policy()
+local v = pol.v
 local new_key = v[1] and 0 or 1
 if v[1] ~= ARGV[5] or v[2] ~= ARGV[6] or v[3] ~= ARGV[7] or v[4] ~= ARGV[8] or v[5] ~= ARGV[9] then
   redis.call('HSET', P, 'par', ARGV[5], 'rate', ARGV[6], 'per', ARGV[7], 'mw', ARGV[8], 'mwt', ARGV[9])
   v[1], v[2], v[3], v[4], v[5] = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+  load_policy(v)
 end
-local pol = policy_of(v)
 trim_window(pol, now)
 
-local waiting = redis.call('ZCARD', W)
+local waiting = count_waiting()
 if waiting == 0 and blocked_for(pol, now) == 0 then
   start(pol, ticket, lease_ttl, now) -- false: a re-send of a ticket admitted before; admitted all the same
   return {1, 0, 0, new_key}
@@ -30,7 +32,7 @@ if waiting > 0 then
   local rank = redis.call('ZRANK', W, ticket)
   if rank then return {2, rank + 1, blocked_for(pol, now), new_key} end
   pump(pol, now, owner, pickup_ms, out)
-  waiting = redis.call('ZCARD', W)
+  waiting = count_waiting()
 end
 if waiting == 0 and blocked_for(pol, now) == 0 then
   start(pol, ticket, lease_ttl, now)
@@ -45,7 +47,8 @@ elseif waiting >= pol.mw then
 else
   local seq = redis.call('HINCRBY', P, 'seq', 1)
   redis.call('ZADD', W, seq, ticket)
-  redis.call('HSET', T, ticket, owner .. ' ' .. (now + pol.mwt) .. ' ' .. lease_ttl)
+  pol.nw = waiting + 1
+  mark(ticket, owner .. ' ' .. (now + pol.mwt) .. ' ' .. lease_ttl)
   local keep = pol.mwt + math.max(pol.per, lease_ttl) + IDLE_MS
   redis.call('PEXPIRE', W, keep)
   redis.call('PEXPIRE', T, keep)

@@ -10,12 +10,12 @@ local pol = policy()
 trim(pol, now)
 local out = {-1, ''}
 pump(pol, now, ARGV[1], tonumber(ARGV[2]), out)
-if redis.call('ZCARD', W) > 0 then out[1] = blocked_for(pol, now) end
+if count_waiting() > 0 then out[1] = blocked_for(pol, now) end
 local ttl = tonumber(ARGV[3])
 local statuses = {}
 local taken = false
 for i = 4, #ARGV do
-  if redis.call('ZSCORE', W, ARGV[i]) then
+  if count_waiting() > 0 and redis.call('ZSCORE', W, ARGV[i]) then
     statuses[#statuses + 1] = 'w'
   elseif extend(ARGV[i], ttl, now) then
     statuses[#statuses + 1] = 'a'

@@ -6,8 +6,8 @@
 -- Returns {revoked (1/0), recheck ms or -1 (see release.lua), handoff ticket, owner, ...}.
 local out = {0, -1}
 if redis.call('HGET', T, ARGV[1]) == PICKUP then
-  redis.call('HDEL', T, ARGV[1])
-  out[1] = redis.call('ZREM', L, ARGV[1])
+  unmark(ARGV[1])
+  out[1] = drop_lease(ARGV[1])
 end
 admit_next(ARGV[2], tonumber(ARGV[3]), out)
 return out
