@@ -10,7 +10,7 @@ import redis
 
 from gateway.policy import Policy
 from gateway.stores import Admitted, Queued, open_store
-from gateway.stores.redis import RedisStore
+from gateway.stores.redis import RedisStore, key_names
 
 pytestmark = pytest.mark.redis
 
@@ -81,4 +81,30 @@ async def test_a_lone_call_is_one_round_trip_of_its_own(redis_url: str) -> None:
         assert await store.enter("solo", Policy(parallelism=1), "s1", "o", 30) == Admitted("s1")
         assert store._batcher.round_trips - before == 1
     finally:
+        await store.close()
+
+
+async def test_a_failing_reply_callback_leaves_the_other_replies_of_its_batch_alone(redis_url: str) -> None:
+    store = open_store(redis_url)
+    assert isinstance(store, RedisStore)
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    replies: list[object] = []
+
+    def broken(reply: object) -> None:
+        raise RuntimeError("a bug in a callback")
+
+    try:
+        await warm_up(store)
+        args = ["t1", store.instance, 30_000, 5_000, "1", "-1", "1000", "10", "30000"]
+        store._batcher.call_then("enter", key_names("k"), args, broken)
+        store._batcher.call_then("enter", key_names("k"), ["t2", *args[1:]], replies.append)
+        # the same batch, awaited (without the guard, the failing callback would leave this unanswered)
+        entry = await asyncio.wait_for(store.enter("k", Policy(parallelism=1), "t3", "o", 30), 5)
+        assert isinstance(entry, Queued) and entry.position == 2  # t1 took the token, t2 waits ahead of t3
+        assert [list(reply[:2]) for reply in replies] == [[2, 1]]  # type: ignore[index]
+        assert [str(context["exception"]) for context in reported] == ["a bug in a callback"]
+    finally:
+        loop.set_exception_handler(None)
         await store.close()

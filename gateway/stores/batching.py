@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .resp import RespClient, Script, settle
+from .resp import Receiver, RespClient, Script, settle
 from .scripts import KEYS_PER_OP
 
-_Call = tuple[str, Sequence[str], Sequence[Any], "asyncio.Future[Any]"]
+_Call = tuple[str, Sequence[str], Sequence[Any], Receiver]
 Translate = Callable[[BaseException], BaseException]
 
 
@@ -34,15 +35,24 @@ class ScriptBatcher:
         self.round_trips = 0  # script calls sent, for tests and benchmarks
 
     def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
-        loop = self._loop
-        if loop is None or not self._pending:
-            # the tick's first call; the others share its loop (get_running_loop() makes a getpid() system call on
-            # Python 3.11)
-            loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self._flush)
-        future: asyncio.Future[Any] = loop.create_future()
+        """The script call's reply (or the exception that replaced it), joining this tick's batch."""
+        future: asyncio.Future[Any] = self._tick().create_future()
         self._pending.append((name, keys, args, future))
         return future
+
+    def call_then(self, name: str, keys: Sequence[str], args: Sequence[Any], then: Callable[[Any], object]) -> None:
+        """`call` with `then(reply or exception)` called as the reply arrives, instead of a future."""
+        self._tick()
+        self._pending.append((name, keys, args, then))
+
+    def _tick(self) -> asyncio.AbstractEventLoop:
+        """The loop of this tick's calls; the tick's first call schedules the flush."""
+        loop = self._loop
+        if loop is None or not self._pending:
+            # the others share the first call's loop (get_running_loop() makes a getpid() system call on 3.11)
+            loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
+        return loop
 
     def _flush(self) -> None:
         calls, self._pending = self._pending, []
@@ -79,19 +89,19 @@ class PipelinedBatcher(ScriptBatcher):
         self._translate = translate
 
     def _send(self, group: list[_Call]) -> None:
-        futures = [call[3] for call in group]
+        receivers = [call[3] for call in group]
         if len(group) == 1:
             name, keys, args, _ = group[0]
-            deliver = functools.partial(self._deliver, futures, True)
+            deliver = functools.partial(self._deliver, receivers, True)
             self._client.evalsha(self._scripts[name], keys, args, deliver)
         else:
             keys, argv = _pack(group)
-            self._client.evalsha(self._batch, keys, argv, functools.partial(self._deliver, futures, False))
+            self._client.evalsha(self._batch, keys, argv, functools.partial(self._deliver, receivers, False))
 
-    def _deliver(self, futures: list[asyncio.Future[Any]], single: bool, reply: Any) -> None:
+    def _deliver(self, receivers: list[Receiver], single: bool, reply: Any) -> None:
         if isinstance(reply, BaseException):
             reply = self._translate(reply)
-        settle(futures, reply, single)
+        settle(receivers, reply, single)
 
     async def drain(self) -> None:
         await self._client.drain()
@@ -123,7 +133,7 @@ class RedisPyBatcher(ScriptBatcher):
         task.add_done_callback(self._tasks.discard)
 
     async def _send_later(self, group: list[_Call]) -> None:
-        futures = [call[3] for call in group]
+        receivers = [call[3] for call in group]
         try:
             if len(group) == 1:
                 name, keys, args, _ = group[0]
@@ -132,9 +142,12 @@ class RedisPyBatcher(ScriptBatcher):
                 keys, argv = _pack(group)
                 reply = await self._batch(keys=keys, args=argv)
         except Exception as exc:
-            settle(futures, self._translate(exc))
+            settle(receivers, self._translate(exc))
             return
-        settle(futures, reply, single=len(group) == 1)
+        except asyncio.CancelledError:  # the store is closing: a callback must still hear of it
+            settle(receivers, self._translate(RedisConnectionError("the call was cancelled")))
+            raise
+        settle(receivers, reply, single=len(group) == 1)
 
     async def drain(self) -> None:
         if self._tasks:

@@ -354,16 +354,13 @@ class RedisStore(Store):
             return False
         self._lease_ms = max(self._lease_ms, lease_ms)
         args = [ticket, self.instance, lease_ms, self._pickup_ms, *_policy_args(policy), "1"]
-        future = self._batcher.call("enter", key_names(key), args)
-        future.add_done_callback(functools.partial(self._tried, key, then))
+        self._batcher.call_then("enter", key_names(key), args, functools.partial(self._tried, key, then))
         return True
 
-    def _tried(self, key: str, then: Callable[[bool | BaseException], object], future: asyncio.Future[Any]) -> None:
-        error = StoreUnavailable("cancelled") if future.cancelled() else future.exception()
-        if error is not None:
-            then(error)
+    def _tried(self, key: str, then: Callable[[bool | BaseException], object], reply: Any) -> None:
+        if isinstance(reply, BaseException):
+            then(reply)
             return
-        reply = future.result()
         if len(reply) > 4:
             self._handoffs(key, reply[4:])
         if int(reply[3]):
@@ -372,15 +369,16 @@ class RedisStore(Store):
 
     def release_soon(self, key: str, lease: str, then: Callable[[BaseException | None], object]) -> bool:
         self._taken.discard(lease)
-        future = self._batcher.call("release", key_names(key), [lease, self.instance, self._pickup_ms])
-        future.add_done_callback(functools.partial(self._released, key, then))
+        args = [lease, self.instance, self._pickup_ms]
+        self._batcher.call_then("release", key_names(key), args, functools.partial(self._released, key, then))
         return True
 
-    def _released(self, key: str, then: Callable[[BaseException | None], object], future: asyncio.Future[Any]) -> None:
-        error = StoreUnavailable("cancelled") if future.cancelled() else future.exception()
-        if error is None:
-            self._after_release(key, future.result())
-        then(error)
+    def _released(self, key: str, then: Callable[[BaseException | None], object], reply: Any) -> None:
+        if isinstance(reply, BaseException):
+            then(reply)
+            return
+        self._after_release(key, reply)
+        then(None)
 
     def _after_release(self, key: str, reply: Any) -> bool:
         if len(reply) > 2:

@@ -19,7 +19,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Union, cast
 
 import hiredis
 from redis._parsers import BaseParser
@@ -29,6 +29,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 #: Receives a reply, or the exception that replaced it (an error reply, a lost connection, a timeout).
 Deliver = Callable[[Any], None]
+#: Where a batched call's reply goes: a future to await, or a callback called straight from the reply's arrival
+#: (no future, no extra turn of the event loop: the express lane's way).
+Receiver = Union["asyncio.Future[Any]", Callable[[Any], object]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,16 +260,29 @@ class RespClient:
             connection.close()
 
 
-def settle(futures: Sequence[asyncio.Future[Any]], reply: Any, single: bool = False) -> None:
-    """Resolve each future with its part of `reply` (or all with the exception that replaced it)."""
+def settle(receivers: Sequence[Receiver], reply: Any, single: bool = False) -> None:
+    """Give each receiver its part of `reply` (or each the exception that replaced it)."""
     if isinstance(reply, BaseException):
-        for future in futures:
-            if not future.done():
-                future.set_exception(reply)
+        for receiver in receivers:
+            _give(receiver, reply)
     elif single:
-        if not futures[0].done():
-            futures[0].set_result(reply)
+        _give(receivers[0], reply)
     else:
-        for future, result in zip(futures, reply, strict=True):
-            if not future.done():
-                future.set_result(result)
+        for receiver, part in zip(receivers, reply, strict=True):
+            _give(receiver, part)
+
+
+def _give(receiver: Receiver, value: Any) -> None:
+    if isinstance(receiver, asyncio.Future):
+        if not receiver.done():
+            if isinstance(value, BaseException):
+                receiver.set_exception(value)
+            else:
+                receiver.set_result(value)
+        return
+    try:
+        receiver(value)
+    except Exception as exc:  # a failing callback must not keep the replies after it from theirs
+        asyncio.get_running_loop().call_exception_handler(
+            {"message": "a Redis reply's callback failed", "exception": exc}
+        )
