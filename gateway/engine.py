@@ -16,7 +16,7 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .errors import InvalidFlowControl, Rejected, StoreUnavailable
@@ -124,18 +124,8 @@ class FlowController:
         self._waiting_by_key.setdefault(key, set()).add(ticket)
         self._schedule(key)
         try:
-            async with asyncio.timeout(policy.max_wait):
-                await future
-        except TimeoutError:
-            self._forget_ticket(key, ticket)
-            if future.done() and not future.cancelled() and future.exception() is None:
-                return self._hold(key, ticket, started)
-            await self._cancel(key, ticket)
-            raise Rejected(
-                "wait_timeout",
-                f"waited {policy.max_wait:g}s for a token of key {key!r} without getting one",
-                max(1.0, policy.max_wait),
-            ) from None
+            # not asyncio.timeout: a compiled (mypyc) coroutine that it times out corrupts memory (python/mypy#12867)
+            await asyncio.wait((future,), timeout=policy.max_wait)
         except asyncio.CancelledError:
             self._forget_ticket(key, ticket)
             self._withdraw(key, ticket)
@@ -144,6 +134,16 @@ class FlowController:
             self._forget_ticket(key, ticket)
             raise
         self._forget_ticket(key, ticket)
+        if not future.done():
+            await self._cancel(key, ticket)
+            raise Rejected(
+                "wait_timeout",
+                f"waited {policy.max_wait:g}s for a token of key {key!r} without getting one",
+                max(1.0, policy.max_wait),
+            )
+        if future.cancelled():  # the controller is closing
+            self._withdraw(key, ticket)
+        future.result()  # raises what ended the wait, when it was not an admission
         return self._hold(key, ticket, started)
 
     def has_waiters(self, key: str) -> bool:
@@ -219,20 +219,9 @@ class FlowController:
         (renewed,) = await self.store.renew(lease.key, [lease.id], ttl or self.lease_ttl)
         return renewed
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str, policy: Policy) -> AsyncIterator[Lease]:
+    def hold(self, key: str, policy: Policy) -> Holding:
         """`async with controller.hold(key, policy) as lease:` acquire, and release on every exit path."""
-        lease = await self.acquire(key, policy)
-        try:
-            yield lease
-        finally:
-            if lease.id in self._held:
-                try:
-                    await asyncio.shield(self.release(lease))
-                except asyncio.CancelledError:
-                    raise
-                except StoreUnavailable:
-                    pass  # the lease expires by itself after lease_ttl
+        return Holding(self, key, policy)
 
     async def close(self) -> None:
         """Stop timers and the renewer, release held leases, withdraw waiting tickets."""
@@ -376,6 +365,26 @@ class FlowController:
         task = asyncio.get_running_loop().create_task(_quietly(operation))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+class Holding:
+    """`FlowController.hold`'s context (a class: the compiled build cannot compile an async generator)."""
+
+    def __init__(self, controller: FlowController, key: str, policy: Policy) -> None:
+        self.controller = controller
+        self.key = key
+        self.policy = policy
+        self.lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        self.lease = await self.controller.acquire(self.key, self.policy)
+        return self.lease
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        lease = self.lease
+        if lease is not None and lease.id in self.controller._held:
+            with contextlib.suppress(StoreUnavailable):  # the lease then expires by itself after lease_ttl
+                await asyncio.shield(self.controller.release(lease))
 
 
 async def _quietly(operation: Awaitable[object]) -> object:

@@ -75,7 +75,8 @@ class _Start:
 
 
 def record_admissions(controller: FlowController) -> list[float]:
-    """When each acquire returned (the delivery's start), in the controller's own process."""
+    """When each acquire returned (the delivery's start), in the controller's own process. (Pure-Python build
+    only: compiled, a controller's methods cannot be replaced, and scripts/test leaves this suite out there.)"""
     admitted: list[float] = []
     acquire = controller.acquire
 

@@ -296,3 +296,27 @@ async def test_an_admission_at_once_goes_only_when_nothing_waits_and_leaves_no_t
     assert third is not None
     controller.release_nowait(third)
     await wait_until(lambda: is_idle(store))
+
+
+async def test_hold_releases_its_lease_when_the_block_raises_or_is_cancelled(stores: Stores) -> None:
+    controller = stores.controller()
+    policy = Policy(parallelism=1)
+    with pytest.raises(RuntimeError):
+        async with controller.hold(KEY, policy) as lease:
+            assert await active(controller.store) == 1 and lease.key == KEY
+            raise RuntimeError("the delivery failed")
+    assert await active(controller.store) == 0
+    inside = asyncio.Event()
+
+    async def delivery() -> None:
+        async with controller.hold(KEY, policy):
+            inside.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(delivery())
+    await inside.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_until(lambda: is_idle(controller.store))
+    assert controller.held == 0
