@@ -29,8 +29,9 @@ except ImportError:  # run as a script, outside a build
 #: - server.py: its protocol extends uvicorn's, which mypyc cannot compile against;
 #: - stores/redis.py: an async generator, which mypyc cannot compile;
 #: - errors.py, stores/base.py: modules left as Python extend their classes (not possible for a compiled class);
-#: - policy.py, rules.py: their classes check what callers pass, and compiled, a value of the wrong type would
-#:   get a TypeError instead of the documented error naming the field;
+#: - policy.py, rules.py: their classes check what callers (and configuration files) pass, and compiled, a value
+#:   of the wrong type would get a TypeError instead of the documented error naming the field (routing.py, which
+#:   applies the checked rules to each request, is compiled);
 #: - the CLI, config and admin code, which no request runs.
 COMPILED = (
     "gateway/cycle.py",
@@ -42,6 +43,7 @@ COMPILED = (
     "gateway/metrics.py",
     "gateway/proxy.py",
     "gateway/relay.py",
+    "gateway/routing.py",
     "gateway/stores/batching.py",
     "gateway/stores/liveness.py",
     "gateway/stores/memory.py",

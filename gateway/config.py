@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 from .engine import DEFAULT_LEASE_TTL
 from .errors import ConfigError
 from .policy import MAX_PERIOD, Policy, parse_rate
-from .rules import Router, Rule
+from .routing import Router
+from .rules import Rule
 from .stores import StoreURI, parse_store_uri
 from .units import parse_duration, parse_size
 from .upstream import KINDS

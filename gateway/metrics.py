@@ -46,7 +46,7 @@ from .errors import DeliveryError, StoreUnavailable
 
 if TYPE_CHECKING:
     from .engine import Lease
-    from .rules import Route
+    from .routing import Route
 
 DIR_ENV: Final = "FLOWGATE_METRICS_DIR"
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"

@@ -24,7 +24,8 @@ from .http import send_error
 from .inbox import ClientDisconnected, RequestInbox
 from .metrics import DeliveryObserver, Metrics
 from .policy import Policy, parse_flow_control_value, validate_key
-from .rules import Route, Router, Rule
+from .routing import Route, Router
+from .rules import Rule
 from .stores import Store, open_store, parse_store_uri
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .units import parse_duration

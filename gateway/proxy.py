@@ -37,7 +37,7 @@ from .http import (
 )
 from .inbox import BODY_EXTENSION, DISCONNECT_EXTENSION, RequestInbox
 from .metrics import DeliveryObserver, Metrics
-from .rules import Route, Router
+from .routing import Route, Router
 from .types import Message, Receive, Scope, Send
 from .upstream import open_upstream_client
 from .upstream.base import UpstreamClient, UpstreamResponse

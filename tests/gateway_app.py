@@ -14,7 +14,8 @@ from typing import Any
 
 from gateway.engine import FlowController
 from gateway.proxy import DEFAULT_MAX_BODY, ProxyApp
-from gateway.rules import Router, Rule
+from gateway.routing import Router
+from gateway.rules import Rule
 from gateway.stores import open_store
 from gateway.upstream import open_upstream_client
 

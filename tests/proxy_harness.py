@@ -18,7 +18,8 @@ import uvicorn
 from gateway.engine import FlowController
 from gateway.policy import Policy
 from gateway.proxy import ProxyApp
-from gateway.rules import Router, Rule
+from gateway.routing import Router
+from gateway.rules import Rule
 from gateway.server import protocol_for
 from gateway.stores import Store, open_store
 from gateway.upstream import open_upstream_client

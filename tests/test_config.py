@@ -17,7 +17,7 @@ from gateway.config import (
     unknown_env_vars,
 )
 from gateway.policy import Policy
-from gateway.rules import Router
+from gateway.routing import Router
 
 UPSTREAM = {"upstream": "http://127.0.0.1:8000"}
 

@@ -24,7 +24,7 @@ from gateway.errors import InvalidFlowControl, Rejected, StoreUnavailable, Upstr
 from gateway.logs import JsonFormatter
 from gateway.metrics import DIR_ENV, DeliveryObserver, Metrics, mark_dead
 from gateway.policy import Policy
-from gateway.rules import Route
+from gateway.routing import Route
 from tests.gateway_process import metric
 from tests.live import serving
 

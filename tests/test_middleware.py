@@ -26,7 +26,7 @@ import pytest
 from gateway import ConfigError, FlowControlMiddleware, Policy, Rule
 from gateway.errors import MissingKeyPart
 from gateway.http import error_body
-from gateway.rules import Router
+from gateway.routing import Router
 from gateway.stores import MemoryStore
 from gateway.types import Message, Scope
 from tests.helpers import max_concurrency, max_starts_in_window, wait_until

@@ -8,7 +8,8 @@ import pytest
 
 from gateway.errors import ConfigError, InvalidFlowControl, MissingKeyPart
 from gateway.policy import Policy
-from gateway.rules import Route, Router, Rule, compile_template
+from gateway.routing import Route, Router
+from gateway.rules import Rule, compile_template
 
 
 def scope(

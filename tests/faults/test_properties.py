@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from gateway.errors import ConfigError, InvalidFlowControl, MissingKeyPart
 from gateway.http import HOP_BY_HOP, strip_hop_by_hop
 from gateway.policy import MAX_KEY_LENGTH, MAX_PERIOD, Policy, parse_flow_control_value
-from gateway.rules import Router, Rule, compile_template
+from gateway.routing import Router
+from gateway.rules import Rule, compile_template
 from gateway.units import parse_duration
 from tests.proxy_harness import running_gateway
 from tests.raw_http import Peer, ScriptedServer
