@@ -110,7 +110,7 @@ def comparable(result: object) -> object:
     return result
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(policy=POLICIES, ghosts=st.integers(0, 2), ops=OPERATIONS)
 def test_a_batch_matches_the_same_operations_one_at_a_time(
     redis_url: str, policy: Policy, ghosts: int, ops: list[tuple[str, int]]
