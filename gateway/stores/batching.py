@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .resp import Receiver, RespClient, Script, settle
 from .scripts import KEYS_PER_OP
@@ -144,9 +143,6 @@ class RedisPyBatcher(ScriptBatcher):
         except Exception as exc:
             settle(receivers, self._translate(exc))
             return
-        except asyncio.CancelledError:  # the store is closing: a callback must still hear of it
-            settle(receivers, self._translate(RedisConnectionError("the call was cancelled")))
-            raise
         settle(receivers, reply, single=len(group) == 1)
 
     async def drain(self) -> None:
